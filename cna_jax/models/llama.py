@@ -1,0 +1,235 @@
+"""One Flax decoder for the Llama family (Llama 3.x, SmolLM2) and Qwen2 / Qwen2.5.
+
+Parameter names mirror HF (``layers_3/mlp/down_proj/kernel`` is ``model.layers.3.mlp.down_proj.weight``
+transposed) so users can cross-reference. Every MLP takes an explicit neuron multiplier
+``[layers, neurons]`` applied to ``silu(gate_proj(x)) * up_proj(x)`` before ``down_proj``, at every
+position; it is a traced array, so a new mask never recompiles.
+
+Axis names: B batch, T query positions, S key/cache slots, H heads, K kv_heads, G = H // K,
+D head_dim, E embed, I neurons, V vocab, L layers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax.models.config import ModelConfig
+
+# Logical axis names for every parameter; mapped to mesh axes by rules in cna_jax.sharding.
+_dense_init = nn.initializers.normal(0.02)
+
+
+def _param_init(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class KVCache(NamedTuple):
+    """Keys (already rotated) and values of every layer: each ``[L, B, S, K, D]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T or P, V] float32
+    cache: KVCache | None
+    neurons: jax.Array | None  # [L, B, T or P, I]: silu(gate) * up, after the multiplier
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies ``[D/2]`` (float32), with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates halves (HF layout). x: [B, T, N, D]; positions: [B, T] int."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", _param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the weight multiply.
+        return weight * x32.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_kv, cache_slot):
+        """x: [B, T, E]; positions: [B, T]; mask: [B, T, S] bool (True = attend);
+        cache_kv: None or (k, v) each [B, S, K, D], written at slot ``cache_slot``."""
+        cfg = self.cfg
+        h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def proj(name, heads, axes):
+            return nn.DenseGeneral(
+                (heads, d), use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.dtype, name=name,
+                kernel_init=_param_init(_dense_init, ("embed",) + axes),
+                bias_init=_param_init(nn.initializers.zeros, axes))(x)
+
+        q = proj("q_proj", h, ("heads", "head_dim"))
+        k = proj("k_proj", k_heads, ("kv_heads", "head_dim"))
+        v = proj("v_proj", k_heads, ("kv_heads", "head_dim"))
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_slot, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_slot, axis=1)
+            k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+        else:
+            new_cache = None
+
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, k_heads, h // k_heads, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (d ** -0.5)
+        # A finite minimum keeps fully masked (padding) query rows from producing NaN.
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h, d)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+            name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP; the neuron multiplier scales ``silu(gate_proj(x)) * up_proj(x)``."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, neuron_mult):
+        """x: [B, T, E]; neuron_mult: [I] or None. Returns (out [B, T, E], neurons [B, T, I])."""
+        def dense(name, features, axes):
+            return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name,
+                            kernel_init=_param_init(_dense_init, axes))
+
+        i = self.cfg.intermediate_size
+        hidden = nn.silu(dense("gate_proj", i, ("embed", "mlp"))(x)) * dense("up_proj", i, ("embed", "mlp"))(x)
+        if neuron_mult is not None:
+            hidden = hidden * neuron_mult.astype(hidden.dtype)
+        return dense("down_proj", self.cfg.hidden_size, ("mlp", "embed"))(hidden), hidden
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, neuron_mult, cache_kv, cache_slot):
+        eps = self.cfg.rms_norm_eps
+        attn, cache_kv = Attention(self.cfg, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache_kv, cache_slot)
+        x = x + attn
+        mlp, neurons = MLP(self.cfg, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), neuron_mult)
+        return x + mlp, cache_kv, neurons
+
+
+def _take_positions(x: jax.Array, select: jax.Array) -> jax.Array:
+    """x: [B, T, ...]; select: [B, P] int -> [B, P, ...]."""
+    return jnp.take_along_axis(x, select.reshape(select.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class Decoder(nn.Module):
+    """Llama / Qwen2 causal LM.
+
+    ``__call__(tokens [B, T], positions [B, T], attn_mask, neuron_mult [L, I] | None, cache, cache_slot,
+    select [B, P] | None)``; see ``forward``-style wrappers in ``cna_jax.models`` for the common uses.
+    """
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
+                 cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False):
+        """
+        tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
+        attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
+          the cache length with one).
+        neuron_mult: [L, I] or None; cache: KVCache or None, written at slot ``cache_slot`` (scalar).
+        select: [B, P] int or None; when given, logits and neurons are returned at those positions only.
+        """
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
+        x = embed(tokens)
+        new_k, new_v, all_neurons = [], [], []
+        for layer in range(cfg.num_hidden_layers):
+            mult = None if neuron_mult is None else neuron_mult[layer]
+            kv = None if cache is None else (cache.k[layer], cache.v[layer])
+            x, kv, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
+                x, positions, attn_mask, mult, kv, cache_slot)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            if return_neurons:
+                all_neurons.append(neurons if select is None else _take_positions(neurons, select))
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+        neurons_out = jnp.stack(all_neurons) if return_neurons else None
+        if not return_logits:
+            return DecoderOutput(None, new_cache, neurons_out)
+        if select is not None:
+            x = _take_positions(x, select)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                              kernel_init=_param_init(_dense_init, ("embed", "vocab")), name="lm_head")(x)
+        return DecoderOutput(logits.astype(jnp.float32), new_cache, neurons_out)
+
+
+def padding_positions(valid: jax.Array) -> jax.Array:
+    """Rotary positions for left-padded rows: ``cumsum(valid) - 1``, 0 at padding. valid: [B, T] bool."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """[B, T, T] bool: causal, with padding keys masked. valid: [B, T] bool."""
+    t = valid.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & valid[:, None, :]
