@@ -219,8 +219,9 @@ def _records_to_prompts(records: list[dict], column: Optional[str], where: str) 
         if drop_with_input and str(r.get(input_col) or "").strip():
             continue
         value = r.get(col)
-        if value is not None:
-            out.append(str(value))
+        if value is None or (isinstance(value, float) and value != value):  # missing / NaN cell
+            continue
+        out.append(str(value))
     return out
 
 

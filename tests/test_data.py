@@ -328,6 +328,9 @@ def test_parquet_through_installed_engine(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
     ps = load_prompts(f, kind="harmful")
     assert ps.prompts == ("row one", "row two") and seen == [str(f)]
+    # Missing cells (None, or NaN as pandas gives them) are skipped, not turned into "nan".
+    Table.to_pylist = lambda self: [{"prompt": None}, {"prompt": float("nan")}, {"prompt": "kept"}]
+    assert load_prompts(f).prompts == ("kept",)
 
 
 # --- hub ----------------------------------------------------------------------------------------
