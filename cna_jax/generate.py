@@ -1,0 +1,121 @@
+"""Batched greedy decoding with a KV cache and a neuron multiplier at every position, in one jit.
+
+Prompts are left-padded; rotary positions come from the padding mask. A prefill writes the prompt into
+the cache, then a ``lax.while_loop`` decodes until every row has produced an EOS or ``max_new_tokens``.
+The multiplier, tokens and cache are traced arguments: a new mask or new prompts of the same bucketed
+shape never recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax.lm import LM, bucket, left_pad
+from cna_jax.models.config import ModelConfig
+from cna_jax.models.llama import Decoder, KVCache, padding_positions
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "max_new_tokens"))
+def greedy_generate(params, tokens, valid, neuron_mult, eos_ids, *, cfg: ModelConfig, dtype=jnp.float32,
+                    max_new_tokens: int = 150):
+    """Greedy continuation of left-padded prompts.
+
+    tokens, valid: [B, T]; neuron_mult: [L, I] or None; eos_ids: [E] int (at least one).
+    Returns (new_tokens [B, N] int32 — after a row's EOS the EOS id repeats —, num_generated [B] int32,
+    counting the EOS).
+    """
+    model = Decoder(cfg, dtype)
+    b, t = tokens.shape
+    n = max_new_tokens
+    slots = t + n
+    cache = KVCache.zeros(cfg, b, slots, dtype)
+    kv_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)  # [B, S]
+    slot_ids = jnp.arange(slots)
+
+    prefill_mask = (slot_ids[None, None, :] <= jnp.arange(t)[None, :, None]) & kv_valid[:, None, :]
+    last = jnp.full((b, 1), t - 1, jnp.int32)
+    out = model.apply({"params": params}, tokens, padding_positions(valid), prefill_mask, neuron_mult,
+                      cache, 0, select=last)
+    first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+    prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [B]: rotary position of the first new token
+
+    def is_eos(tok):
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    def cond(state):
+        i, _, _, _, done = state
+        return (i < n) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, tok, generated, done = state
+        generated = generated.at[:, i].set(tok)
+        done = done | is_eos(tok)
+        mask = (kv_valid & (slot_ids <= t + i))[:, None, :]  # [B, 1, S]
+        step = model.apply({"params": params}, tok[:, None], (prompt_len + i)[:, None], mask, neuron_mult,
+                           cache, t + i)
+        nxt = jnp.argmax(step.logits[:, 0], axis=-1).astype(jnp.int32)
+        # Finished rows keep emitting their EOS so outputs are well defined.
+        nxt = jnp.where(done, tok, nxt)
+        return i + 1, step.cache, nxt, generated, done
+
+    generated = jnp.zeros((b, n), jnp.int32)
+    state = (jnp.int32(0), out.cache, first, generated, jnp.zeros((b,), bool))
+    i, _, _, generated, done = jax.lax.while_loop(cond, body, state)
+    # Rows end at their first EOS (counted); steps after it, or never taken, repeat the row's last token.
+    steps = jnp.arange(n)[None, :]
+    stop = jnp.any(generated[..., None] == eos_ids, axis=-1) & (steps < i)
+    num = jnp.where(jnp.any(stop, axis=1), jnp.argmax(stop, axis=1) + 1, i).astype(jnp.int32)
+    last_tok = jnp.take_along_axis(generated, jnp.maximum(num - 1, 0)[:, None], axis=1)
+    generated = jnp.where(steps < num[:, None], generated, last_tok)
+    return generated, num
+
+
+@dataclasses.dataclass
+class Generations:
+    """Generated texts and tokens, one per prompt."""
+
+    prompts: list[str]
+    texts: list[str]
+    tokens: list[list[int]]  # up to and including the EOS
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = None, max_new_tokens: int = 150,
+             batch_size: int = 32, progress: bool = True, desc: str = "generating") -> Generations:
+    """Greedy generations for any number of prompts, in fixed-shape batches (bucketed prompt lengths)."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    ids = lm.encode(prompts)
+    eos = jnp.asarray(lm.eos_ids() or (lm.pad_id(),), jnp.int32)
+    mult = None if neuron_mult is None else jnp.asarray(neuron_mult, jnp.float32)
+    if mult is not None and mult.shape != (lm.cfg.num_hidden_layers, lm.cfg.intermediate_size):
+        raise ValueError(f"neuron_mult has shape {mult.shape}, expected "
+                         f"{(lm.cfg.num_hidden_layers, lm.cfg.intermediate_size)}")
+    # Sorting by length keeps padding (wasted compute) low; results are put back in prompt order.
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    texts: list[str] = [""] * len(prompts)
+    toks: list[list[int]] = [[]] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(batches, desc=desc, unit="batch")
+    for rows in iterator:
+        seqs = [ids[r] for r in rows]
+        length = bucket(max(len(s) for s in seqs))
+        tokens, valid = left_pad(seqs, length, lm.pad_id(), batch=min(batch_size, len(order)))
+        out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
+                                   max_new_tokens=max_new_tokens)
+        out, num = np.asarray(out), np.asarray(num)
+        for j, r in enumerate(rows):
+            toks[r] = out[j, :num[j]].tolist()
+            texts[r] = lm.decode(toks[r])
+    return Generations(prompts, texts, toks)

