@@ -8,7 +8,6 @@ shape never recompile.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -20,8 +19,7 @@ from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, KVCache, padding_positions
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "max_new_tokens"))
-def greedy_generate(params, tokens, valid, neuron_mult, eos_ids, *, cfg: ModelConfig, dtype=jnp.float32,
+def greedy_generate_fn(params, tokens, valid, neuron_mult, eos_ids, *, cfg: ModelConfig, dtype=jnp.float32,
                     max_new_tokens: int = 150):
     """Greedy continuation of left-padded prompts.
 
@@ -73,6 +71,10 @@ def greedy_generate(params, tokens, valid, neuron_mult, eos_ids, *, cfg: ModelCo
     last_tok = jnp.take_along_axis(generated, jnp.maximum(num - 1, 0)[:, None], axis=1)
     generated = jnp.where(steps < num[:, None], generated, last_tok)
     return generated, num
+
+
+# The jitted entry point; ``greedy_generate_fn`` stays available for jit with explicit shardings.
+greedy_generate = jax.jit(greedy_generate_fn, static_argnames=("cfg", "dtype", "max_new_tokens"))
 
 
 @dataclasses.dataclass

@@ -1,8 +1,6 @@
 """Flax Llama / Qwen2 decoders with neuron multipliers, and the pure jitted functions built on them."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -10,8 +8,7 @@ from cna_jax.models.config import ConfigError, ModelConfig, RopeScaling, from_hf
 from cna_jax.models.llama import Decoder, DecoderOutput, KVCache, causal_mask, padding_positions
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def forward(params, tokens, valid, neuron_mult=None, *, cfg: ModelConfig, dtype=jnp.float32):
+def forward_fn(params, tokens, valid, neuron_mult=None, *, cfg: ModelConfig, dtype=jnp.float32):
     """Full-sequence logits. tokens, valid: [B, T] (left padding: valid False at pads);
     neuron_mult: [L, I] or None. Returns logits [B, T, V] float32."""
     out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
@@ -19,5 +16,8 @@ def forward(params, tokens, valid, neuron_mult=None, *, cfg: ModelConfig, dtype=
     return out.logits
 
 
+forward = jax.jit(forward_fn, static_argnames=("cfg", "dtype"))
+
+
 __all__ = ["ConfigError", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "RopeScaling", "causal_mask",
-           "forward", "from_hf_config_file", "from_hf_dict", "padding_positions"]
+           "forward", "forward_fn", "from_hf_config_file", "from_hf_dict", "padding_positions"]
