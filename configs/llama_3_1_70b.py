@@ -1,0 +1,29 @@
+"""Llama-3.1-70B pair: base `meta-llama/Llama-3.1-70B`, instruct `meta-llama/Llama-3.1-70B-Instruct`.
+
+Shape numbers are the real model's config.json values; they are checked against the checkpoint at load.
+"""
+from cna_jax.config import study_config
+
+
+def get_config():
+    return study_config(
+        name='Llama-3.1-70B',
+        base='meta-llama/Llama-3.1-70B',
+        instruct='meta-llama/Llama-3.1-70B-Instruct',
+        dtype='bfloat16',
+        shape=dict(
+            model_type='llama',
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-05,
+            rope_theta=500000.0,
+            rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192},
+            tie_word_embeddings=False,
+            max_position_embeddings=131072,
+        ),
+    )
