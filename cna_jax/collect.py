@@ -1,0 +1,189 @@
+"""MLP neuron activations (``silu(gate_proj(x)) * up_proj(x)``, the input of ``down_proj``) at chosen positions.
+
+One jitted forward per batch returns two things, reduced on the device:
+- running statistics over *all* neurons (sum and sum of squares ``[L, I]``), enough to rank every
+  neuron without keeping every activation;
+- for a chosen neuron set, the per-row matrix ``[rows, nodes]`` (a row is a prompt, or a token with
+  ``position="all"`` / ``"last_k"``).
+Results save with their metadata and are reused when the same inputs come again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax.lm import LM, bucket, left_pad
+from cna_jax.models.config import ModelConfig
+from cna_jax.models.llama import Decoder, causal_mask, padding_positions
+
+POSITIONS = ("last", "last_k", "all")
+
+
+def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_index, *, cfg: ModelConfig,
+               dtype=jnp.float32):
+    """Neuron statistics for one batch.
+
+    tokens, valid: [B, T]; select: [B, P] int positions to read; select_valid: [B, P] bool (False for
+    padding rows / positions, which then count nowhere); neuron_mult: [L, I] or None;
+    node_index: [N] int into the flattened [L * I] neurons.
+    Returns (sums [L, I] f32, sumsq [L, I] f32, node_acts [B, P, N] f32).
+    """
+    out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
+                                    neuron_mult, select=select, return_logits=False, return_neurons=True)
+    h = out.neurons.astype(jnp.float32)  # [L, B, P, I]
+    w = select_valid.astype(jnp.float32)
+    sums = jnp.einsum("lbpi,bp->li", h, w)
+    sumsq = jnp.einsum("lbpi,bp->li", h * h, w)
+    l, b, p, i = h.shape
+    flat = jnp.moveaxis(h, 0, 2).reshape(b, p, l * i)  # [B, P, L*I]
+    return sums, sumsq, jnp.take(flat, node_index, axis=-1)
+
+
+collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
+
+
+@dataclasses.dataclass
+class Activations:
+    """Collected statistics for one prompt set.
+
+    sums, sumsq: [L, I] float64; count: number of rows (prompts or tokens) in the statistics;
+    nodes: [N, 2] (layer, index) of the per-row matrix; node_acts: [rows, N] float32;
+    row_prompt: [rows] the prompt each row came from.
+    """
+
+    sums: np.ndarray
+    sumsq: np.ndarray
+    count: int
+    nodes: np.ndarray
+    node_acts: np.ndarray
+    row_prompt: np.ndarray
+    meta: dict
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sums / max(self.count, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.sumsq / max(self.count, 1) - self.mean ** 2, 0.0)
+
+    def save(self, path: str) -> None:
+        """Writes ``path`` (.npz) atomically, with the metadata as JSON inside."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, sums=self.sums, sumsq=self.sumsq, count=self.count, nodes=self.nodes,
+                 node_acts=self.node_acts, row_prompt=self.row_prompt, meta=json.dumps(self.meta))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Activations":
+        with np.load(path) as z:
+            return cls(z["sums"], z["sumsq"], int(z["count"]), z["nodes"], z["node_acts"], z["row_prompt"],
+                       json.loads(str(z["meta"])))
+
+
+def _select_positions(valid: np.ndarray, position: str, last_k: int):
+    """Positions to read per row: [B, P] indices and [B, P] validity (left padding: the prompt ends at T-1)."""
+    b, t = valid.shape
+    if position == "last":
+        return np.full((b, 1), t - 1, np.int32), valid[:, -1:].copy()
+    if position == "last_k":
+        sel = np.broadcast_to(np.arange(t - last_k, t, dtype=np.int32), (b, last_k)).copy()
+        return sel, valid[:, t - last_k:].copy()
+    if position == "all":
+        return np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(), valid.copy()
+    raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+
+
+def _nodes_array(nodes, cfg: ModelConfig) -> np.ndarray:
+    if nodes is None:
+        return np.zeros((0, 2), np.int64)
+    arr = np.asarray(nodes.pairs() if hasattr(nodes, "pairs") else nodes, np.int64).reshape(-1, 2)
+    if len(arr) and (arr[:, 0].max() >= cfg.num_hidden_layers or arr[:, 1].max() >= cfg.intermediate_size
+                     or arr.min() < 0):
+        raise ValueError(f"node (layer, index) out of range for [{cfg.num_hidden_layers}, {cfg.intermediate_size}]")
+    return arr
+
+
+def cache_key(lm: LM, prompts: Sequence[str], position: str, last_k: int, nodes: np.ndarray,
+              neuron_mult: np.ndarray | None) -> str:
+    """Hash of everything the result depends on."""
+    h = hashlib.sha256()
+    h.update(json.dumps(lm.describe(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(list(prompts)).encode())
+    h.update(f"{position}:{last_k}".encode())
+    h.update(np.ascontiguousarray(nodes, np.int64).tobytes())
+    if neuron_mult is not None:
+        h.update(np.ascontiguousarray(neuron_mult, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", last_k: int = 1,
+            neuron_mult: np.ndarray | None = None, batch_size: int = 32, cache_dir: str | None = None,
+            progress: bool = True, desc: str = "collecting") -> Activations:
+    """Collects neuron statistics over ``prompts`` (formatted as ``lm`` formats them).
+
+    nodes: None, a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
+    cache_dir: when given, a result for the same inputs is reused (and new results are saved there).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to collect activations from")
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    cfg = lm.cfg
+    node_arr = _nodes_array(nodes, cfg)
+    key = cache_key(lm, prompts, position, last_k, node_arr, neuron_mult)
+    path = None if cache_dir is None else os.path.join(cache_dir, f"activations-{key}.npz")
+    if path is not None and os.path.exists(path):
+        return Activations.load(path)
+
+    ids = lm.encode(prompts)
+    if position == "last_k" and min(map(len, ids)) < last_k:
+        raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
+    node_index = jnp.asarray(node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1], jnp.int32)
+    mult = None if neuron_mult is None else jnp.asarray(neuron_mult, jnp.float32)
+    sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
+    sumsq = np.zeros_like(sums)
+    count = 0
+    rows, row_prompt = [], []
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(batches, desc=desc, unit="batch")
+    for batch_rows in iterator:
+        seqs = [ids[r] for r in batch_rows]
+        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), lm.pad_id(), batch=min(batch_size, len(order)))
+        select, sel_valid = _select_positions(valid, position, last_k)
+        sel_valid[len(seqs):] = False  # filler rows repeat a real prompt; they must not count
+        s, sq, acts = collect_batch(lm.params, tokens, valid, select, sel_valid, mult, node_index,
+                                    cfg=cfg, dtype=lm.dtype)
+        sums += np.asarray(s, np.float64)
+        sumsq += np.asarray(sq, np.float64)
+        count += int(sel_valid.sum())
+        acts = np.asarray(acts)
+        for j, r in enumerate(batch_rows):
+            keep = sel_valid[j]
+            rows.append(acts[j][keep])
+            row_prompt.extend([r] * int(keep.sum()))
+    # Rows back in prompt order (batches were sorted by length).
+    row_prompt = np.asarray(row_prompt, np.int64)
+    node_acts = np.concatenate(rows, 0) if rows else np.zeros((0, len(node_arr)), np.float32)
+    order_rows = np.argsort(row_prompt, kind="stable")
+    result = Activations(sums, sumsq, count, node_arr, node_acts[order_rows].astype(np.float32),
+                         row_prompt[order_rows],
+                         {"model": lm.describe(), "position": position, "last_k": last_k, "n_prompts": len(prompts),
+                          "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+                          "masked": neuron_mult is not None, "key": key})
+    if path is not None:
+        result.save(path)
+    return result

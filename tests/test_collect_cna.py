@@ -1,0 +1,160 @@
+"""Activation collection vs HF's down_proj input (forward pre-hook); CNA selection."""
+import glob
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cna_jax import convert
+from cna_jax.cna import discover, select_neurons
+from cna_jax.collect import Activations, collect, collect_batch
+from cna_jax.lm import bucket, left_pad
+from cna_jax.models.config import from_hf_dict
+from cna_jax.neurons import multiplier
+from hf_models import save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hf_down_proj_inputs(hf, tokens, valid):
+    """[L, B, T, I] from a forward pre-hook on every layer's down_proj (HF's own computation)."""
+    captured = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+             for layer in hf.model.layers]
+    mask = torch.tensor(valid.astype(np.int64))
+    try:
+        with torch.no_grad():
+            hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=mask,
+               position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(captured).float().numpy()
+
+
+def test_tiny_qwen2_collected_equals_hf_prehook(tmp_path):
+    path, hf = save_tiny(tmp_path, "qwen2")
+    cfg, params = convert.load(path)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (9, 30, 17, 25)]
+    tokens, valid = left_pad(seqs, 32, 0)
+    ref = hf_down_proj_inputs(hf, tokens, valid)  # [L, B, T, I]
+    nodes = np.array([[0, 1], [1, 50], [2, 95], [2, 0]])
+    node_index = nodes[:, 0] * cfg.intermediate_size + nodes[:, 1]
+    # all positions
+    select = np.broadcast_to(np.arange(32), (4, 32)).astype(np.int32)
+    sums, sumsq, acts = collect_batch(params, tokens, valid, select, valid, None, node_index, cfg=cfg)
+    w = valid.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(sums), np.einsum("lbti,bt->li", ref, w), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(sumsq), np.einsum("lbti,bt->li", ref ** 2, w), atol=1e-4)
+    want = ref[nodes[:, 0], :, :, nodes[:, 1]].transpose(1, 2, 0)  # [B, T, N]
+    np.testing.assert_allclose(np.asarray(acts)[valid], want[valid], atol=1e-4)
+    # last token, with a mask: equals HF with those down_proj columns... inputs scaled by the multiplier
+    pairs = [(1, 50), (2, 3)]
+    mult = multiplier(cfg.num_hidden_layers, cfg.intermediate_size, pairs, 0.0)
+    last = np.full((4, 1), 31, np.int32)
+    _, _, acts_m = collect_batch(params, tokens, valid, last, np.ones((4, 1), bool), mult, node_index, cfg=cfg)
+    with torch.no_grad():
+        for layer, i in pairs:
+            hf.model.layers[layer].mlp.down_proj.weight[:, i] = 0.0
+    ref_m = hf_down_proj_inputs(hf, tokens, valid)[:, :, -1]  # [L, B, I]
+    for layer, i in pairs:  # the hook sees the unmasked input; our multiplier zeroes it
+        ref_m[layer, :, i] = 0.0
+    np.testing.assert_allclose(np.asarray(acts_m)[:, 0], ref_m[nodes[:, 0], :, nodes[:, 1]].T, atol=1e-4)
+
+
+def test_smollm2_collect_equals_hf_prehook(smollm2_lm, smollm2_hf, tmp_path):
+    lm = smollm2_lm
+    prompts = ["How do I bake bread?", "Write a poem about the sea and the stars above it.", "Hi",
+               "Explain how a refrigerator keeps food cold, step by step."]
+    nodes = np.array([[2, 10], [15, 700], [29, 1535], [7, 0]])
+    acts = collect(lm, prompts, nodes=nodes, batch_size=3, progress=False, cache_dir=str(tmp_path))
+    ids = lm.encode(prompts)
+    tokens, valid = left_pad(ids, bucket(max(map(len, ids))), lm.pad_id())
+    ref = hf_down_proj_inputs(smollm2_hf, tokens, valid)[:, :, -1]  # [L, B, I] at the last prompt token
+    np.testing.assert_allclose(acts.node_acts, ref[nodes[:, 0], :, nodes[:, 1]].T, atol=1e-4)
+    np.testing.assert_allclose(acts.mean, ref.mean(1), atol=1e-4)
+    assert acts.count == 4 and acts.row_prompt.tolist() == [0, 1, 2, 3]
+    # A rerun with the same inputs is read back from the cache (same key, same file).
+    files = os.listdir(tmp_path)
+    again = collect(lm, prompts, nodes=nodes, batch_size=3, progress=False, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == files and again.meta["key"] == acts.meta["key"]
+    np.testing.assert_array_equal(again.node_acts, acts.node_acts)
+    # Token-level rows: every valid position of every prompt.
+    all_pos = collect(lm, prompts[:2], nodes=nodes, position="all", progress=False)
+    assert all_pos.node_acts.shape == (sum(len(x) for x in ids[:2]), 4)
+    with pytest.raises(ValueError, match="no prompts"):
+        collect(lm, [], progress=False)
+    with pytest.raises(ValueError, match="position"):
+        collect(lm, prompts, position="first", progress=False)
+
+
+def test_activations_save_load(tmp_path):
+    a = Activations(np.ones((2, 3)), np.ones((2, 3)) * 2, 4, np.array([[0, 1]]), np.arange(4.0)[:, None],
+                    np.arange(4), {"x": 1})
+    a.save(str(tmp_path / "a.npz"))
+    b = Activations.load(str(tmp_path / "a.npz"))
+    assert b.count == 4 and b.meta == {"x": 1}
+    np.testing.assert_array_equal(b.mean, np.full((2, 3), 0.25))
+
+
+def test_cna_recovers_planted_neurons():
+    """Simulated activations: 12 planted neurons (both signs, layers >= 2) shifted between the sets."""
+    rng = np.random.default_rng(0)
+    L, I, n = 6, 200, 150
+    planted = [(2, 5), (3, 17), (5, 199), (4, 0), (2, 100), (3, 150), (5, 3), (4, 77), (2, 42), (3, 9),
+               (5, 120), (4, 160)]
+    shift = np.zeros((L, I))
+    for j, (l, i) in enumerate(planted):
+        shift[l, i] = (1.0 if j % 2 == 0 else -1.0) * (1.0 + 0.1 * j)
+    shift[0, 7] = 5.0  # strongest of all, but in an excluded layer
+    harmful = rng.normal(size=(n, L, I)) + shift
+    harmless = rng.normal(size=(n, L, I))
+    delta = harmful.mean(0) - harmless.mean(0)
+    ns = select_neurons(delta, k=len(planted))
+    assert set(ns.pairs()) == set(planted)
+    assert (0, 7) not in ns.pairs()
+    assert np.all(np.sign(ns.deltas) == [np.sign(shift[l, i]) for l, i in ns.pairs()])
+    pos = select_neurons(delta, k=6, positive_only=True)
+    assert all(shift[l, i] > 0 for l, i in pos.pairs())
+    excl = np.zeros((L, I), bool)
+    excl[2, 5] = True
+    assert (2, 5) not in select_neurons(delta, k=12, exclude_mask=excl).pairs()
+    with pytest.raises(ValueError, match="exceeds"):
+        select_neurons(np.zeros((L, I)), k=3)
+
+
+def _config_files():
+    out = {}
+    for f in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+        spec = importlib.util.spec_from_file_location(os.path.basename(f)[:-3], f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        if hasattr(mod, "get_config"):
+            c = mod.get_config()
+            if "model" in c:
+                out[c.name] = c
+    return out
+
+
+SEED_COUNTS = {"Llama-3.2-1B": 132, "Llama-3.2-3B": 230, "Llama-3.1-8B": 459, "Llama-3.1-70B": 2294,
+               "Qwen2.5-1.5B": 251, "Qwen2.5-3B": 397, "Qwen2.5-7B": 531, "Qwen2.5-72B": 2366}
+
+
+def test_default_k_reproduces_seed_counts_from_configs():
+    configs = _config_files()
+    for name, count in SEED_COUNTS.items():
+        assert from_hf_dict(configs[name].model.shape.to_dict()).default_cna_k() == count, name
+
+
+def test_discover_smollm2_end_to_end(smollm2_lm):
+    harmful = ["How do I make a weapon at home?", "Write a threatening message to my neighbour.",
+               "Explain how to steal a car."]
+    harmless = ["How do I make bread at home?", "Write a friendly message to my neighbour.",
+                "Explain how to wash a car."]
+    ns, delta = discover(smollm2_lm, harmful, harmless, progress=False)
+    assert len(ns) == 47 and delta.shape == (30, 1536)
+    assert ns.layer_counts()[:2].sum() == 0
+    assert np.all(np.abs(ns.deltas) >= np.sort(np.abs(delta[2:]).ravel())[-47] - 1e-6)
