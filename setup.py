@@ -31,7 +31,7 @@ setup(
         "gguf": ["gguf>=0.10"],
         "data": ["datasets>=2.18", "pandas>=2.0", "pyarrow>=14"],
         # torch is only a test-time oracle (HF PyTorch reference models); install torch==2.13.0 first.
-        "test": ["pytest>=8", "gguf>=0.10", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        "test": ["pytest>=8", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
