@@ -10,6 +10,7 @@ D head_dim, E embed, I neurons, V vocab, L layers.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -27,6 +28,17 @@ def _param_init(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+# Logical axes of each KV cache array [L, B, S, K, D]. While ``cna_jax.sharding`` traces a sharded
+# function it sets CACHE_SHARDING to the cache's NamedSharding; otherwise the constraint is a no-op.
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+CACHE_SHARDING: contextvars.ContextVar = contextvars.ContextVar("cna_cache_sharding", default=None)
+
+
+def constrain_cache(x: jax.Array) -> jax.Array:
+    sharding = CACHE_SHARDING.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class KVCache(NamedTuple):
     """Keys (already rotated) and values of every layer: each ``[L, B, S, K, D]``."""
 
@@ -36,7 +48,7 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(constrain_cache(jnp.zeros(shape, dtype)), constrain_cache(jnp.zeros(shape, dtype)))
 
 
 class DecoderOutput(NamedTuple):
@@ -92,9 +104,9 @@ class Attention(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv, cache_slot):
+    def __call__(self, x, positions, mask, cache, layer, cache_slot):
         """x: [B, T, E]; positions: [B, T]; mask: [B, T, S] bool (True = attend);
-        cache_kv: None or (k, v) each [B, S, K, D], written at slot ``cache_slot``."""
+        cache: None or the stacked KVCache, written for this ``layer`` at slot ``cache_slot``."""
         cfg = self.cfg
         h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -111,13 +123,13 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        if cache_kv is not None:
-            k_cache, v_cache = cache_kv
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_slot, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_slot, axis=1)
-            k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
-        else:
-            new_cache = None
+        if cache is not None:
+            # Update the stacked [L, B, S, K, D] arrays in place (no per-step copy of the whole cache).
+            start = (layer, 0, cache_slot, 0, 0)
+            cache = KVCache(
+                constrain_cache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)),
+                constrain_cache(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)))
+            k, v = cache.k[layer], cache.v[layer]
 
         b, t = x.shape[:2]
         q = q.reshape(b, t, k_heads, h // k_heads, d)
@@ -130,7 +142,7 @@ class Attention(nn.Module):
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
             name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
-        return out, new_cache
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -158,14 +170,14 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, neuron_mult, cache_kv, cache_slot):
+    def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot):
         eps = self.cfg.rms_norm_eps
-        attn, cache_kv = Attention(self.cfg, self.dtype, name="self_attn")(
-            RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache_kv, cache_slot)
+        attn, cache = Attention(self.cfg, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache, layer, cache_slot)
         x = x + attn
         mlp, neurons = MLP(self.cfg, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), neuron_mult)
-        return x + mlp, cache_kv, neurons
+        return x + mlp, cache, neurons
 
 
 def _take_positions(x: jax.Array, select: jax.Array) -> jax.Array:
@@ -197,21 +209,16 @@ class Decoder(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
         x = embed(tokens)
-        new_k, new_v, all_neurons = [], [], []
+        all_neurons = []
         for layer in range(cfg.num_hidden_layers):
             mult = None if neuron_mult is None else neuron_mult[layer]
-            kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x, kv, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
-                x, positions, attn_mask, mult, kv, cache_slot)
-            if cache is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+            x, cache, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
+                x, positions, attn_mask, mult, cache, layer, cache_slot)
             if return_neurons:
                 all_neurons.append(neurons if select is None else _take_positions(neurons, select))
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
         neurons_out = jnp.stack(all_neurons) if return_neurons else None
         if not return_logits:
-            return DecoderOutput(None, new_cache, neurons_out)
+            return DecoderOutput(None, cache, neurons_out)
         if select is not None:
             x = _take_positions(x, select)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
@@ -220,7 +227,7 @@ class Decoder(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                               kernel_init=_param_init(_dense_init, ("embed", "vocab")), name="lm_head")(x)
-        return DecoderOutput(logits.astype(jnp.float32), new_cache, neurons_out)
+        return DecoderOutput(logits.astype(jnp.float32), cache, neurons_out)
 
 
 def padding_positions(valid: jax.Array) -> jax.Array:
