@@ -28,9 +28,9 @@ def _param_init(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-# Logical axes of each KV cache array [L, B, S, K, D]. While ``cna_jax.sharding`` traces a sharded
+# Logical axes of each KV cache array [L, B, K, S, D]. While ``cna_jax.sharding`` traces a sharded
 # function it sets CACHE_SHARDING to the cache's NamedSharding; otherwise the constraint is a no-op.
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 CACHE_SHARDING: contextvars.ContextVar = contextvars.ContextVar("cna_cache_sharding", default=None)
 
 
@@ -40,14 +40,17 @@ def constrain_cache(x: jax.Array) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Keys (already rotated) and values of every layer: each ``[L, B, S, K, D]``."""
+    """Keys (already rotated) and values of every layer: each ``[L, B, K, S, D]``.
+
+    Slots are the second-to-last axis so that each (batch, kv head) reads one contiguous [S, D] slab:
+    attention then is a plain batched matmul with no transposed copy of the cache per step."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
         return cls(constrain_cache(jnp.zeros(shape, dtype)), constrain_cache(jnp.zeros(shape, dtype)))
 
 
@@ -123,22 +126,28 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
+        b, t = x.shape[:2]
+        k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
-            # Update the stacked [L, B, S, K, D] arrays in place (no per-step copy of the whole cache).
-            start = (layer, 0, cache_slot, 0, 0)
+            # Update the stacked [L, B, K, S, D] arrays in place (no per-step copy of the whole cache).
+            start = (layer, 0, 0, cache_slot, 0)
             cache = KVCache(
                 constrain_cache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)),
                 constrain_cache(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)))
             k, v = cache.k[layer], cache.v[layer]
 
-        b, t = x.shape[:2]
-        q = q.reshape(b, t, k_heads, h // k_heads, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (d ** -0.5)
+        # Queries of one kv head are grouped as rows [T * G] of one matmul: a canonical batched
+        # matmul over (B, K) for prefill and decode alike (a size-1 T axis makes XLA:CPU slow).
+        g = h // k_heads
+        q = q.reshape(b, t, k_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k_heads, t * g, d)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, k_heads, t, g, -1) * (d ** -0.5)
         # A finite minimum keeps fully masked (padding) query rows from producing NaN.
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h, d)
+        scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k_heads, t * g, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))
+        out = out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
             name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)

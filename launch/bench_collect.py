@@ -1,0 +1,120 @@
+"""C1 / C2: activation collection on SmolLM2-135M-Instruct (fp32, CPU, one thread).
+
+C1: ``collect_batch`` (last-token neuron stats over all neurons + a 47-node matrix) vs a plain jitted
+forward of the same batch returning last-token logits. C2: the same collection vs HF's forward with a
+``down_proj`` forward pre-hook per layer (the usual PyTorch way), same batches. Gate first: the
+collected activations equal the hook's within 1e-4.
+
+    python launch/bench_collect.py --batch=32 --out=/tmp/bench_collect.json
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("batch", 32, "Prompts per batch.")
+flags.DEFINE_integer("batches", 4, "Batches per timed run.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per side (median reported).")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+
+    from cna_jax import data
+    from cna_jax.collect import collect_batch
+    from cna_jax.lm import LM, bucket, left_pad, smollm2_gguf_path
+    from cna_jax.models.llama import Decoder, causal_mask, padding_positions
+
+    F = flags.FLAGS
+    torch.set_num_threads(1)
+    lm = LM.load("smollm2")
+    cfg = lm.cfg
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    prompts = list(data.builtin("harmful"))[:F.batch * F.batches]
+    ids = lm.encode(prompts)
+    length = bucket(max(map(len, ids)))
+    batches = [left_pad(ids[i:i + F.batch], length, lm.pad_id()) for i in range(0, len(ids), F.batch)]
+    rng = np.random.default_rng(0)
+    node_index = jnp.asarray(rng.choice(cfg.num_neurons, 47, replace=False), jnp.int32)
+    last = np.full((F.batch, 1), length - 1, np.int32)
+    sel_valid = np.ones((F.batch, 1), bool)
+
+    @jax.jit
+    def plain_forward(params, tokens, valid):
+        return Decoder(cfg).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
+                                  select=last).logits
+
+    def ours():
+        return [jax.block_until_ready(collect_batch(lm.params, t, v, last, sel_valid, None, node_index, cfg=cfg))
+                for t, v in batches]
+
+    def plain():
+        return [jax.block_until_ready(plain_forward(lm.params, t, v)) for t, v in batches]
+
+    def hooked():
+        out = []
+        for t, v in batches:
+            captured = []
+            hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+                lambda m, a: captured.append(a[0][:, -1].detach())) for layer in hf.model.layers]
+            mask = torch.tensor(v.astype(np.int64))
+            with torch.no_grad():
+                hf.model(input_ids=torch.tensor(t, dtype=torch.long), attention_mask=mask,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+            for h in hooks:
+                h.remove()
+            acts = torch.stack(captured)  # [L, B, I]
+            out.append((acts.sum(1), (acts * acts).sum(1), acts.permute(1, 0, 2).reshape(len(t), -1)[:, node_index]))
+        return out
+
+    t0 = time.perf_counter()
+    mine = ours()
+    compile_s = time.perf_counter() - t0
+    plain()
+    ref = hooked()
+    for (s, _, a), (rs, _, ra) in zip(mine, ref):  # the gate
+        np.testing.assert_allclose(np.asarray(s), rs.numpy(), atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(a)[:, 0], ra.numpy(), atol=1e-4)
+    t_ours = _median_time(ours, F.repeats)
+    t_plain = _median_time(plain, F.repeats)
+    t_hf = _median_time(hooked, F.repeats)
+    tokens = sum(int(v.sum()) for _, v in batches)
+    flops = 2 * cfg.num_params() * F.batch * length * len(batches)  # padded tokens are computed too
+    res = {"batch": F.batch, "batches": len(batches), "padded_length": length, "real_tokens": tokens,
+           "compile_s": compile_s, "collect_s": t_ours, "plain_forward_s": t_plain, "hf_hook_s": t_hf,
+           "c1_overhead": t_ours / t_plain - 1, "c2_speedup": t_hf / t_ours,
+           "collect_gflops": flops / t_ours / 1e9, "hf_gflops": flops / t_hf / 1e9,
+           "jax": jax.__version__, "torch": torch.__version__}
+    print(json.dumps(res))
+    if F.out:
+        with open(F.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
