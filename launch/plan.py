@@ -1,0 +1,291 @@
+"""Plan a model on a mesh without weights: AOT-compile generation and collection on abstract shapes and
+report per-device memory (parameters, KV cache, temporaries) from the compiled programs.
+
+    # Llama-3.1-70B, bf16, tensor=8, batch 64 x 2k context, on 8 x 80 GB:
+    python launch/plan.py --config=configs/llama_3_1_70b.py --target=gpu-8x80
+    # the same model on a TPU v5e-16 (16 x 16 GB): tries several layouts and batch sizes
+    python launch/plan.py --config=configs/llama_3_1_70b.py --target=v5e-16
+    # any mesh / memory by hand
+    python launch/plan.py --config=configs/qwen2_5_72b.py --config.mesh.data=1 --config.mesh.tensor=8 \
+        --batch=64 --context=2048 --device_memory_gb=80
+
+Parameters are ``jax.ShapeDtypeStruct`` leaves carrying their ``NamedSharding``; nothing is
+allocated. When the machine has fewer accelerators than the mesh needs, the programs are compiled for
+simulated CPU devices (``--xla_force_host_platform_device_count``): the figures are then the *CPU*
+compiler's memory analysis, which is the best available without the hardware (the GPU/TPU compilers
+fuse more, so their temporaries are usually smaller). Parameter and KV-cache bytes are exact either way
+(shard shapes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "model/study config file under configs/", lock_config=True)
+flags.DEFINE_string("target", "", "named target: gpu-8x80 (8 x 80 GB) or v5e-16 (16 x 16 GB); "
+                    "empty = the config's mesh section with --device_memory_gb")
+flags.DEFINE_integer("batch", 64, "sequences per batch")
+flags.DEFINE_integer("context", 2048, "KV cache slots = prompt + new tokens (generation); tokens (collection)")
+flags.DEFINE_integer("new_tokens", -1, "new tokens per generation; -1 = config.generation.max_new_tokens")
+flags.DEFINE_integer("nodes", 1000, "neurons read per row by the collection program")
+flags.DEFINE_float("device_memory_gb", 80.0, "memory per device (1e9 bytes)")
+flags.DEFINE_float("headroom", 0.10, "fraction of device memory to keep free")
+flags.DEFINE_string("kv_heads", "", "fallback when KV heads don't divide tensor: replicate | batch")
+flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
+flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
+
+GB = 1e9
+
+# Named targets: device count, memory per device, and the layouts (mesh, rules, kv fallback) to try.
+TARGETS = {
+    "gpu-8x80": dict(devices=8, memory_gb=80.0, layouts=[((1, 1, 8), "generation", None)], batches=None),
+    "v5e-16": dict(devices=16, memory_gb=16.0, layouts=[
+        ((1, 2, 8), "fsdp", None),  # weights over all 16 chips (embed on fsdp); cache on kv heads x batch
+        ((1, 1, 16), "generation", "batch"),  # tensor=16; k/v projections replicated, cache split on batch
+    ], batches=(64, 32, 16, 8)),
+}
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    """Per-device memory of one compiled program (bytes)."""
+
+    program: str
+    mesh: tuple
+    rules: str
+    kv_heads: str | None
+    batch: int
+    context: int
+    params: int
+    kv_cache: int
+    arguments: int
+    outputs: int
+    temporaries: int
+    aliased: int
+    total: int
+    device_memory: int
+    headroom: float
+    platform: str
+    compile_s: float
+
+    @property
+    def budget(self) -> float:
+        return self.device_memory * (1.0 - self.headroom)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    @property
+    def free_fraction(self) -> float:
+        return 1.0 - self.total / self.device_memory
+
+    def row(self) -> str:
+        m = "x".join(map(str, self.mesh))
+        return (f"| {self.program} | {m} {self.rules}{'' if not self.kv_heads else ' kv=' + self.kv_heads} | "
+                f"{self.batch} x {self.context} | {self.params / GB:.2f} | {self.kv_cache / GB:.2f} | "
+                f"{(self.temporaries - self.kv_cache) / GB:.2f} | {self.total / GB:.2f} | "
+                f"{self.device_memory / GB:.0f} | {100 * self.free_fraction:.1f}% | "
+                f"{'fits' if self.fits else 'does not fit'} |")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(fits=self.fits, free_fraction=self.free_fraction)
+        return d
+
+
+HEADER = ("| program | mesh (data x fsdp x tensor) rules | batch x context | params GB | KV cache GB | "
+          "other temporaries GB | total GB | device GB | free | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def model_config(study):
+    from cna_jax.models.config import from_hf_dict
+
+    return from_hf_dict(study.model.shape.to_dict())
+
+
+def _devices(n: int):
+    import jax
+
+    devs = jax.devices()
+    if len(devs) >= n:
+        return devs[:n]
+    cpu = jax.devices("cpu")
+    if len(cpu) < n:
+        raise RuntimeError(f"need {n} devices to compile for this mesh, have {len(devs)} "
+                           f"{devs[0].platform} and {len(cpu)} CPU; set XLA_FLAGS="
+                           f"--xla_force_host_platform_device_count={n} before JAX starts")
+    return cpu[:n]
+
+
+def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tokens: int, dtype,
+                 device_memory: float, headroom: float, nodes: int = 1000) -> ProgramPlan:
+    """AOT-compiles one program (``generation`` or ``collection``) for the layout; no weights needed."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from cna_jax import sharding as S
+
+    sd = jax.ShapeDtypeStruct
+    params = S.abstract_sharded_params(cfg, layout, dtype)
+    mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32, sharding=layout.sharding(("layers", "neurons")))
+    if program == "generation":
+        prompt = context - new_tokens
+        if prompt < 1:
+            raise ValueError(f"context={context} leaves no room for a prompt with new_tokens={new_tokens}")
+        tokens = sd((batch, prompt), jnp.int32, sharding=layout.batch(2))
+        valid = sd((batch, prompt), jnp.bool_, sharding=layout.batch(2))
+        eos = sd((1,), jnp.int32, sharding=layout.replicated())
+        fn = S.sharded_generate(cfg, layout, dtype, max_new_tokens=new_tokens)
+        args = (params, tokens, valid, mult, eos)
+        cache = S.cache_bytes_per_device(cfg, layout, batch, context, dtype)
+    elif program == "collection":
+        tokens = sd((batch, context), jnp.int32, sharding=layout.batch(2))
+        valid = sd((batch, context), jnp.bool_, sharding=layout.batch(2))
+        select = sd((batch, 1), jnp.int32, sharding=layout.batch(2))
+        select_valid = sd((batch, 1), jnp.bool_, sharding=layout.batch(2))
+        node_index = sd((nodes,), jnp.int32, sharding=layout.replicated())
+        fn = S.sharded_collect(cfg, layout, dtype)
+        args = (params, tokens, valid, select, select_valid, mult, node_index)
+        cache = 0
+    else:
+        raise ValueError(f"unknown program {program!r} (generation, collection)")
+    t = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    ma = compiled.memory_analysis()
+    param_bytes = sum(math.prod(p.sharding.shard_shape(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
+    arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+    return ProgramPlan(
+        program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
+        kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
+        arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
+        total=arguments + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
+        platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s)
+
+
+def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=None, batch: int = 64,
+         context: int = 2048, new_tokens: int = 150, dtype=None, device_memory_gb: float = 80.0,
+         headroom: float = 0.10, programs=("generation", "collection"), nodes: int = 1000,
+         devices=None) -> list[ProgramPlan]:
+    """Plans each program on one mesh. Generation uses ``rules``; collection uses the ``collection``
+    preset unless ``rules`` is ``fsdp`` (then fsdp). Raises ``ShardingError`` for layouts that don't divide."""
+    import jax.numpy as jnp
+
+    from cna_jax import sharding as S
+
+    dtype = dtype or jnp.bfloat16
+    n = math.prod(mesh_shape)
+    mesh = S.make_mesh(tuple(mesh_shape), devices if devices is not None else _devices(n))
+    out = []
+    for program in programs:
+        preset = rules if program == "generation" or rules == "fsdp" else "collection"
+        layout = S.make_layout(cfg, mesh, preset, kv_heads=kv_heads, batch=batch)
+        out.append(plan_program(cfg, layout, program, batch=batch, context=context, new_tokens=new_tokens,
+                                dtype=dtype, device_memory=device_memory_gb * GB, headroom=headroom, nodes=nodes))
+    return out
+
+
+def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, dtype, headroom: float,
+                programs, nodes: int, log=print) -> list[ProgramPlan]:
+    """Every layout of a named target; for targets with a batch list, the largest batch that fits each."""
+    from cna_jax.sharding import ShardingError
+
+    spec = TARGETS[target]
+    results = []
+    for mesh_shape, rules, kv in spec["layouts"]:
+        for b in spec["batches"] or (batch,):
+            if b > batch:
+                continue
+            try:
+                res = plan(cfg, mesh_shape, rules, kv_heads=kv, batch=b, context=context, new_tokens=new_tokens,
+                           dtype=dtype, device_memory_gb=spec["memory_gb"], headroom=headroom, programs=programs,
+                           nodes=nodes)
+            except ShardingError as e:
+                log(f"layout {mesh_shape} {rules} kv={kv} batch={b}: {e}")
+                continue
+            for r in res:
+                log(r.row())
+            results.extend(res)
+            if all(r.fits for r in res):
+                break
+    return results
+
+
+def main(argv):
+    del argv
+    study = FLAGS.config
+    if study is None:
+        raise app.UsageError("--config=configs/<model>.py is required")
+    need = TARGETS[FLAGS.target]["devices"] if FLAGS.target else None
+    if FLAGS.target and FLAGS.target not in TARGETS:
+        raise app.UsageError(f"unknown --target {FLAGS.target!r} (known: {sorted(TARGETS)})")
+    if need is None:
+        from cna_jax.sharding import AXES
+        sizes = [int(study.mesh.get(a, 1)) for a in AXES]
+        need = math.prod(s for s in sizes if s > 0) if -1 not in sizes else None
+    if need and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Simulated CPU devices for planning on a machine without the hardware (before JAX starts).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={need}").strip()
+
+    from cna_jax.distributed import initialize_from_config, is_writer
+
+    initialize_from_config(study)
+    import jax.numpy as jnp
+
+    cfg = model_config(study)
+    dtype = jnp.dtype(study.model.dtype)
+    new_tokens = FLAGS.new_tokens if FLAGS.new_tokens >= 0 else int(study.generation.max_new_tokens)
+    print(f"{study.name}: {cfg.num_params() / 1e9:.1f}B parameters, {dtype.name}, "
+          f"{cfg.num_params() * dtype.itemsize / GB:.1f} GB of weights; batch {FLAGS.batch}, context {FLAGS.context} "
+          f"(generation: prompt {FLAGS.context - new_tokens} + {new_tokens} new)")
+    print(HEADER)
+    if FLAGS.target:
+        results = plan_target(cfg, FLAGS.target, batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens,
+                              dtype=dtype, headroom=FLAGS.headroom, programs=FLAGS.programs, nodes=FLAGS.nodes)
+    else:
+        sizes = tuple(int(study.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+        from cna_jax.sharding import resolve_mesh_shape
+        sizes = resolve_mesh_shape(sizes, len(_devices(1)) if -1 in sizes else math.prod(sizes))
+        results = plan(cfg, sizes, study.mesh.get("rules", "generation"), kv_heads=FLAGS.kv_heads or None,
+                       batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens, dtype=dtype,
+                       device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
+                       programs=FLAGS.programs, nodes=FLAGS.nodes)
+        for r in results:
+            print(r.row())
+    fitting = [r for r in results if r.fits]
+    platform = results[0].platform if results else "?"
+    note = " (CPU compiler's memory analysis on simulated devices)" if platform == "cpu" else ""
+    by_layout = {}
+    for r in results:
+        by_layout.setdefault((r.mesh, r.rules, r.kv_heads, r.batch), []).append(r)
+    good = [k for k, rs in by_layout.items() if all(r.fits for r in rs)]
+    if good:
+        mesh, rules, kv, b = good[0]
+        print(f"VERDICT: fits — mesh {mesh} rules {rules}{'' if not kv else ' kv_heads=' + kv}, batch {b}, "
+              f">= {100 * FLAGS.headroom:.0f}% headroom{note}")
+    else:
+        print(f"VERDICT: does not fit with {100 * FLAGS.headroom:.0f}% headroom{note}")
+    if FLAGS.json_out and is_writer():
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(dict(model=study.name, target=FLAGS.target or None, results=[r.to_json() for r in results],
+                           fits=bool(good)), f, indent=1)
+    return 0 if fitting else 1
+
+
+if __name__ == "__main__":
+    app.run(main)
