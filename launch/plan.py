@@ -166,14 +166,20 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t
     ma = compiled.memory_analysis()
-    param_bytes = sum(math.prod(p.sharding.shard_shape(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
+    def nbytes(tree):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    param_bytes = nbytes(params)
+    # All parameters stay resident even where a program reads only some (collection skips lm_head, and
+    # XLA drops unused arguments), so the total counts them all plus the other inputs.
+    inputs = param_bytes + nbytes(args[1:])
     arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
     return ProgramPlan(
         program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
         kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
         arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
-        total=arguments + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
+        total=max(arguments, inputs) + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
         platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s)
 
 
