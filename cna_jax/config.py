@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import ml_collections
 
+# Fields of the graph section come from cna_jax.graph.GraphSettings (one source of defaults).
+_SECTIONS = ("model", "data", "cna", "graph", "generation", "nulls", "collect", "mesh")
+
 
 def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = "bfloat16") -> ml_collections.ConfigDict:
     """The full config for one (base, instruct) model pair.
@@ -10,31 +13,62 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     ``shape`` holds the real model's HF shape numbers; they are checked against the checkpoint's
     config.json at load time, so a config can never silently describe a different model.
     """
+    from cna_jax.graph import GraphSettings
+
     c = ml_collections.ConfigDict()
     c.name = name
     c.model = ml_collections.ConfigDict(dict(base=base, instruct=instruct, dtype=dtype, shape=shape))
-
     c.data = ml_collections.ConfigDict(dict(
         harmful="builtin:harmful", harmless="builtin:harmless",  # a file, a known set name or a hub id
         eval_fraction=0.3, seed=0,
-        n_pairs=-1,  # -1: all train pairs
-        n_eval=-1,  # -1: every held-out prompt
+        n_pairs=-1,  # train pairs for CNA and graphs; -1: all
+        n_eval=-1,  # held-out harmful (and harmless) prompts for refusal; -1: all
     ))
     c.cna = ml_collections.ConfigDict(dict(
         k=-1,  # -1: ceil(fraction * layers * intermediate_size)
         fraction=0.001, exclude_layers=(0, 1), positive_only=False, drop_universal=False,
-        position="last",  # "last" | "all" | "last_k"
+        position="last",  # "last" | "last_k" | "all"
         last_k=1,
     ))
-    c.graph = ml_collections.ConfigDict(dict(
-        q=0.05, k_candidates=50, n_lambdas=30, lambda_min_ratio=0.01, criterion="ebic", ebic_gamma=0.5,
-        merge="and", n_resamples=30, subsample_fraction=0.5, freq_threshold=0.6, seed=0,
-        subset="degree",  # "degree" (degree >= 1) | "largest_component"
-    ))
+    graph = GraphSettings().to_dict()
+    graph["progress"] = False  # the study shows its own progress
+    c.graph = ml_collections.ConfigDict(graph)
     c.generation = ml_collections.ConfigDict(dict(
-        max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0))
+        max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True))
     c.nulls = ml_collections.ConfigDict(dict(n_layer_matched=30, n_uniform=30, seed=0))
     c.collect = ml_collections.ConfigDict(dict(batch_size=32))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="generation"))
     c.distributed = False  # call jax.distributed.initialize() first (multi-host pods)
     return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with a readable message for anything a study could not run with."""
+    from cna_jax.graph import GraphSettings
+    from cna_jax.models.config import from_hf_dict
+
+    missing = [s for s in _SECTIONS if s not in c]
+    if missing:
+        raise ValueError(f"config is missing section(s) {missing}; build it with cna_jax.config.study_config")
+    if not c.model.base or not c.model.instruct:
+        raise ValueError("config.model.base and config.model.instruct must both be set")
+    if c.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
+    shape = from_hf_dict(c.model.shape.to_dict())
+    if not 0.0 < c.data.eval_fraction < 1.0:
+        raise ValueError(f"config.data.eval_fraction must be in (0, 1), got {c.data.eval_fraction}")
+    k = shape.default_cna_k(c.cna.fraction) if c.cna.k == -1 else c.cna.k
+    pool = shape.num_hidden_layers * shape.intermediate_size
+    excluded = len([l for l in c.cna.exclude_layers if 0 <= l < shape.num_hidden_layers])
+    eligible = pool - excluded * shape.intermediate_size
+    if not 0 < k <= eligible:
+        raise ValueError(f"config.cna.k={k} must be in [1, {eligible}] (the neurons outside excluded layers)")
+    if c.cna.position not in ("last", "last_k", "all"):
+        raise ValueError(f"config.cna.position must be last, last_k or all, got {c.cna.position!r}")
+    GraphSettings.from_config(c.graph)
+    if c.generation.detector not in ("regex", "substring"):
+        raise ValueError(f"config.generation.detector must be regex or substring, got {c.generation.detector!r}")
+    if c.generation.max_new_tokens < 1 or c.generation.batch_size < 1 or c.collect.batch_size < 1:
+        raise ValueError("generation.max_new_tokens, generation.batch_size and collect.batch_size must be >= 1")
+    if c.nulls.n_layer_matched < 0 or c.nulls.n_uniform < 0:
+        raise ValueError("nulls.n_layer_matched and nulls.n_uniform must be >= 0")

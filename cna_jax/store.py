@@ -1,0 +1,106 @@
+"""Checkpointed study stages: arrays through Orbax, small metadata as JSON, keyed by a config hash.
+
+A stage directory ``<workdir>/stages/<name>-<hash>/`` is complete when its ``done.json`` exists; it is
+written last, after the arrays and metadata, so a run killed mid-stage leaves no half result that a
+rerun would trust. Stages made of many items (one generation condition, one null subset) keep one
+small JSON file per finished item, so a rerun redoes only the item that was in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (ConfigDicts are converted)."""
+    def plain(x):
+        if hasattr(x, "to_dict"):
+            return plain(x.to_dict())
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in sorted(x.items())}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, np.ndarray):
+            return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+        return x
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class Stage:
+    """One stage's directory."""
+
+    def __init__(self, workdir: str, name: str, key: str):
+        self.name, self.key = name, key
+        self.path = os.path.join(workdir, "stages", f"{name}-{key}")
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(os.path.join(self.path, "done.json"))
+
+    def save(self, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
+             seconds: float | None = None) -> None:
+        """Writes the arrays (Orbax), the metadata (JSON), then the completion marker."""
+        os.makedirs(self.path, exist_ok=True)
+        if arrays:
+            import orbax.checkpoint as ocp
+
+            target = os.path.join(self.path, "arrays")
+            if os.path.exists(target):  # an interrupted earlier attempt
+                shutil.rmtree(target)
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(os.path.abspath(target), {k: np.asarray(v) for k, v in arrays.items()})
+        _atomic_write_json(os.path.join(self.path, "meta.json"), meta or {})
+        _atomic_write_json(os.path.join(self.path, "done.json"),
+                           {"stage": self.name, "key": self.key, "seconds": seconds, "finished": time.time()})
+
+    def load(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {}
+        target = os.path.join(self.path, "arrays")
+        if os.path.exists(target):
+            import orbax.checkpoint as ocp
+
+            with ocp.StandardCheckpointer() as ckpt:
+                arrays = {k: np.asarray(v) for k, v in ckpt.restore(os.path.abspath(target)).items()}
+        with open(os.path.join(self.path, "meta.json")) as f:
+            return arrays, json.load(f)
+
+    # Items: resumable pieces of a stage.
+    def item_path(self, item: str) -> str:
+        return os.path.join(self.path, "items", f"{item}.json")
+
+    def has_item(self, item: str) -> bool:
+        return os.path.exists(self.item_path(item))
+
+    def save_item(self, item: str, obj: Any) -> None:
+        os.makedirs(os.path.join(self.path, "items"), exist_ok=True)
+        _atomic_write_json(self.item_path(item), obj)
+
+    def load_item(self, item: str) -> Any:
+        with open(self.item_path(item)) as f:
+            return json.load(f)

@@ -1,0 +1,338 @@
+"""The study of METHOD.md §3 for one (base, instruct) model pair, as checkpointed stages.
+
+Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store``):
+  cna            CNA neuron set on the instruct model (train prompts)
+  acts-instruct  per-prompt activations of the CNA neurons, instruct model (paired train prompts)
+  acts-base      the same neurons on the base model (raw prompts, as base models get)
+  graph-*        stability graphs: contrast (instruct), harmful-only (instruct), contrast (base)
+  refusal        held-out generations per condition (one item per condition)
+  nulls          layer-matched and uniform null subsets of the contrast-graph subset (one item each)
+A rerun skips finished stages and items; killing the run loses at most the item in flight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax import cna as cna_lib
+from cna_jax import config as config_lib
+from cna_jax import data as data_lib
+from cna_jax import graph as graph_lib
+from cna_jax.collect import collect
+from cna_jax.generate import generate
+from cna_jax.lm import LM
+from cna_jax.neurons import NeuronSet
+from cna_jax.refusal import refusal_report
+from cna_jax.store import Stage, config_hash
+
+log = logging.getLogger("cna_jax.study")
+
+# Parts of the config that define *which* study a workdir holds; other fields may change between runs
+# (changed stages are recomputed under a new key).
+_IDENTITY = ("name", "model.base", "model.instruct", "data")
+GRAPHS = {"contrast_instruct": ("instruct", "contrast"), "harmful_instruct": ("instruct", "harmful_only"),
+          "contrast_base": ("base", "contrast")}
+
+
+def _get(c, dotted):
+    for part in dotted.split("."):
+        c = c[part]
+    return c.to_dict() if hasattr(c, "to_dict") else c
+
+
+@dataclasses.dataclass
+class Prompts:
+    train_harmful: list[str]
+    train_harmless: list[str]
+    eval_harmful: list[str]
+    eval_harmless: list[str]
+    hashes: dict
+
+
+def prepare_prompts(c) -> Prompts:
+    """Loads, splits and pairs the prompt sets (cheap; fails fast on empty or bad sources)."""
+    d = c.data
+    harmful = data_lib.load_prompts(d.harmful, kind="harmful")
+    harmless = data_lib.load_prompts(d.harmless, kind="harmless")
+    tr_h, ev_h = data_lib.split(harmful, d.eval_fraction, d.seed)
+    tr_b, ev_b = data_lib.split(harmless, d.eval_fraction, d.seed)
+    n_pairs = None if d.n_pairs == -1 else d.n_pairs
+    tr_h, tr_b = data_lib.pair(tr_h, tr_b, d.seed, n_pairs)
+    n_eval = None if d.n_eval == -1 else d.n_eval
+    return Prompts(list(tr_h), list(tr_b), list(ev_h)[:n_eval], list(ev_b)[:n_eval],
+                   {"harmful": harmful.hash, "harmless": harmless.hash})
+
+
+def null_subsets(pool: NeuronSet, subset_idx: np.ndarray, n: int, family: str, seed: int):
+    """Null subsets of the CNA pool, the size of the graph subset.
+
+    family "layer_matched": the same count per layer as the subset; "uniform": any layers.
+    Draws are disjoint from the subset when it is at most half the pool (and, layer-matched, when the
+    layer has room); otherwise they come from the whole pool with overlap allowed. Returns a list of
+    (indices into the pool, overlap_allowed)."""
+    size = len(subset_idx)
+    all_idx = np.arange(len(pool))
+    outside = np.setdiff1d(all_idx, subset_idx)
+    disjoint = size <= len(pool) / 2
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 0 if family == "layer_matched" else 1, i])
+        if family == "uniform":
+            source = outside if disjoint else all_idx
+            out.append((np.sort(rng.choice(source, size, replace=False)), not disjoint))
+            continue
+        picks, overlap = [], not disjoint
+        for layer, count in zip(*np.unique(pool.layers[subset_idx], return_counts=True)):
+            in_layer = all_idx[pool.layers == layer]
+            room = np.setdiff1d(in_layer, subset_idx)
+            source = room if disjoint and len(room) >= count else in_layer
+            overlap |= source is in_layer
+            picks.append(rng.choice(source, count, replace=False))
+        out.append((np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64), bool(overlap)))
+    return out
+
+
+class Study:
+    """Runs (or resumes) the study for one config in ``workdir``."""
+
+    def __init__(self, c, workdir: str, progress: bool = True, on_stage: Callable[[str], None] | None = None):
+        config_lib.validate(c)
+        self.c, self.workdir, self.progress = c, workdir, progress
+        self.on_stage = on_stage or (lambda name: None)  # test hook: called before each stage runs
+        self._lms: dict[str, LM] = {}
+        os.makedirs(workdir, exist_ok=True)
+        self._check_workdir()
+        self.prompts = prepare_prompts(c)
+        if len(self.prompts.train_harmful) < 4:
+            raise ValueError(f"only {len(self.prompts.train_harmful)} train pairs: too few for CNA and graphs")
+        self.cache_dir = os.path.join(workdir, "cache")
+        self.timings: dict[str, float] = {}
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _check_workdir(self):
+        path = os.path.join(self.workdir, "config.json")
+        mine = {k: _get(self.c, k) for k in _IDENTITY}
+        if os.path.exists(path):
+            with open(path) as f:
+                theirs = json.load(f).get("identity", {})
+            diff = sorted(k for k in _IDENTITY if json.dumps(theirs.get(k), sort_keys=True, default=str)
+                          != json.dumps(mine[k], sort_keys=True, default=str))
+            if diff:
+                raise ValueError(f"workdir {self.workdir} holds a study of a different config (differs in "
+                                 f"{diff}); use another --workdir")
+        with open(path, "w") as f:
+            json.dump({"identity": mine, "config": json.loads(self.c.to_json_best_effort())}, f, indent=2)
+
+    def lm(self, side: str) -> LM:
+        if side not in self._lms:
+            m = self.c.model
+            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=(side == "instruct"), progress=self.progress)
+            expected = config_lib_shape(self.c)
+            got = dataclasses.replace(lm.cfg, bos_token_id=None, eos_token_ids=(), max_position_embeddings=0)
+            if got != expected:
+                raise ValueError(f"{m[side]} does not match config.model.shape:\n  checkpoint {got}\n  config     {expected}")
+            self._lms[side] = lm
+        return self._lms[side]
+
+    def _run_stage(self, name: str, key_parts: tuple, fn):
+        stage = Stage(self.workdir, name, config_hash(*key_parts))
+        if stage.done:
+            log.info("stage %s: reused (%s)", name, stage.path)
+            return stage
+        self.on_stage(name)
+        t = time.time()
+        arrays, meta = fn(stage)
+        stage.save(arrays, meta, seconds=time.time() - t)
+        self.timings[name] = time.time() - t
+        log.info("stage %s: done in %.1fs", name, time.time() - t)
+        return stage
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def _key_cna(self):
+        c = self.c
+        return (c.model.instruct, c.model.dtype, c.data, c.cna)
+
+    def stage_cna(self) -> NeuronSet:
+        c = self.c
+
+        def run(stage):
+            ns, delta = cna_lib.discover(
+                self.lm("instruct"), self.prompts.train_harmful, self.prompts.train_harmless, k=c.cna.k,
+                fraction=c.cna.fraction, exclude_layers=tuple(c.cna.exclude_layers), positive_only=c.cna.positive_only,
+                drop_universal=c.cna.drop_universal, position=c.cna.position, last_k=c.cna.last_k,
+                batch_size=c.collect.batch_size, cache_dir=self.cache_dir, progress=self.progress)
+            arrays = {"delta": delta.astype(np.float32), "layers": ns.layers, "indices": ns.indices, "deltas": ns.deltas}
+            return arrays, {"num_layers": ns.num_layers, "intermediate_size": ns.intermediate_size,
+                            "report": ns.report(), "meta": ns.meta}
+
+        stage = self._run_stage("cna", self._key_cna(), run)
+        arrays, meta = stage.load()
+        ns = NeuronSet(arrays["layers"].astype(np.int64), arrays["indices"].astype(np.int64),
+                       arrays["deltas"].astype(np.float32), meta["num_layers"], meta["intermediate_size"], meta["meta"])
+        ns.save(os.path.join(self.workdir, "neuron_set.json"))
+        self.delta = arrays["delta"]
+        return ns
+
+    def stage_acts(self, side: str, pool: NeuronSet) -> dict[str, np.ndarray]:
+        c = self.c
+
+        def run(stage):
+            lm = self.lm(side)
+            kw = dict(nodes=pool, position="last", batch_size=c.collect.batch_size, cache_dir=self.cache_dir,
+                      progress=self.progress)
+            h = collect(lm, self.prompts.train_harmful, desc=f"{side}: harmful", **kw).node_acts
+            b = collect(lm, self.prompts.train_harmless, desc=f"{side}: harmless", **kw).node_acts
+            return {"harmful": h, "harmless": b}, {"side": side, "n_pairs": len(h)}
+
+        stage = self._run_stage(f"acts-{side}", (self._key_cna(), c.model[side], c.collect), run)
+        return stage.load()[0]
+
+    def stage_graph(self, kind: str, acts: dict[str, np.ndarray], pool: NeuronSet, acts_key) -> graph_lib.StabilityResult:
+        side, mode = GRAPHS[kind]
+        settings = graph_lib.GraphSettings.from_config(self.c.graph)
+
+        def run(stage):
+            if mode == "contrast":  # rows were paired by data.pair already
+                x = graph_lib.contrast_rows(acts["harmful"], acts["harmless"], pairing="index")
+            else:
+                x = graph_lib.data_matrix(acts["harmful"], mode="harmful_only")
+            res = graph_lib.stability_graph(x, settings, nodes=np.stack([pool.layers, pool.indices], 1),
+                                            meta={"kind": kind})
+            arrays = {"frequency": res.frequency, "null_frequency": res.null_frequency,
+                      "edge_counts": res.edge_counts, "null_edge_counts": res.null_edge_counts}
+            return arrays, {"threshold": res.threshold, "n_rows": res.n_rows, "max_gap": res.max_gap,
+                            "settings": res.settings, "summary": res.summary()}
+
+        stage = self._run_stage(f"graph-{kind}", (acts_key, self.c.graph, kind), run)
+        arrays, meta = stage.load()
+        res = graph_lib.StabilityResult(arrays["frequency"], arrays["null_frequency"], meta["threshold"],
+                                        arrays["edge_counts"], arrays["null_edge_counts"],
+                                        np.stack([pool.layers, pool.indices], 1), meta["n_rows"], meta["max_gap"],
+                                        meta["settings"], {"kind": kind})
+        graph_lib.write_json(os.path.join(self.workdir, f"graph_{kind}.json"), res.adjacency, res.nodes, res.frequency)
+        graph_lib.write_graphml(os.path.join(self.workdir, f"graph_{kind}.graphml"), res.adjacency, res.nodes,
+                                res.frequency)
+        return res
+
+    def _generate_item(self, stage: Stage, item: str, prompts: list[str], neurons: NeuronSet | None) -> dict:
+        if stage.has_item(item):
+            return stage.load_item(item)
+        g = self.c.generation
+        lm = self.lm("instruct")
+        mult = None if neurons is None else neurons.multiplier(g.multiplier)
+        gens = generate(lm, prompts, mult, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                        progress=self.progress, desc=item)
+        report = refusal_report(gens.texts, detector=g.detector, prompts=prompts)
+        out = {"item": item, "rate": report.rate, "n": report.n, "mean_quality": report.mean_quality,
+               "n_neurons": 0 if neurons is None else len(neurons), "flags": report.flags,
+               "quality": report.quality, "generations": gens.texts}
+        stage.save_item(item, out)
+        return out
+
+    def stage_refusal(self, conditions: dict[str, NeuronSet | None], key) -> dict[str, dict]:
+        def run(stage):
+            results = {}
+            for name, neurons in conditions.items():
+                results[f"harmful/{name}"] = self._generate_item(stage, f"harmful-{name}", self.prompts.eval_harmful, neurons)
+                if self.c.generation.harmless_eval:
+                    results[f"harmless/{name}"] = self._generate_item(stage, f"harmless-{name}",
+                                                                      self.prompts.eval_harmless, neurons)
+            summary = {k: {kk: v[kk] for kk in ("rate", "n", "mean_quality", "n_neurons")} for k, v in results.items()}
+            return None, {"conditions": summary}
+
+        stage = self._run_stage("refusal", key, run)
+        return stage.load()[1]["conditions"]
+
+    def stage_nulls(self, pool: NeuronSet, subset_idx: np.ndarray, key) -> list[dict]:
+        nc = self.c.nulls
+
+        def run(stage):
+            items = []
+            for family, n in (("layer_matched", nc.n_layer_matched), ("uniform", nc.n_uniform)):
+                for i, (idx, overlap) in enumerate(null_subsets(pool, subset_idx, n, family, nc.seed)):
+                    r = self._generate_item(stage, f"null-{family}-{i:03d}", self.prompts.eval_harmful,
+                                            pool.subset(idx))
+                    items.append({"family": family, "i": i, "rate": r["rate"], "size": len(idx),
+                                  "overlap_allowed": overlap, "pool_indices": idx.tolist()})
+            return None, {"nulls": items}
+
+        stage = self._run_stage("nulls", key, run)
+        return stage.load()[1]["nulls"]
+
+    # -- the whole study ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        c = self.c
+        pool = self.stage_cna()
+        acts = {side: self.stage_acts(side, pool) for side in ("instruct", "base")}
+        graphs = {}
+        for kind, (side, _) in GRAPHS.items():
+            graphs[kind] = self.stage_graph(kind, acts[side], pool, (self._key_cna(), c.model[side], c.collect))
+        largest = bool(c.graph.largest_component)
+        subsets = {k: graph_lib.connected_subset(graphs[k].adjacency, largest) for k in ("contrast_instruct",
+                                                                                        "harmful_instruct")}
+        conditions = {"none": None, "cna": pool, "contrast_graph": pool.subset(subsets["contrast_instruct"]),
+                      "harmful_graph": pool.subset(subsets["harmful_instruct"])}
+        graph_key = tuple(config_hash(g.frequency) for g in graphs.values())
+        refusal_key = (self._key_cna(), c.generation, graph_key, c.graph.largest_component)
+        refusal = self.stage_refusal(conditions, refusal_key)
+        nulls = self.stage_nulls(pool, subsets["contrast_instruct"], (refusal_key, c.nulls))
+        results = summarize(c, pool, graphs, subsets, refusal, nulls)
+        results["timings"] = {**self.timings, "total": time.time() - t0}
+        from cna_jax import report
+
+        report.write(self.workdir, results, graphs, pool, nulls)
+        return results
+
+
+def config_lib_shape(c):
+    """The ModelConfig the config's shape numbers describe (without tokenizer-specific fields)."""
+    from cna_jax.models.config import from_hf_dict
+
+    return dataclasses.replace(from_hf_dict(c.model.shape.to_dict()), bos_token_id=None, eos_token_ids=(),
+                               max_position_embeddings=0)
+
+
+def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:
+    """Every number of the four tables, computed from the stage results."""
+    gi, gb, gh = graphs["contrast_instruct"], graphs["contrast_base"], graphs["harmful_instruct"]
+    ei, eb = gi.adjacency, gb.adjacency
+    rate = {k: v["rate"] for k, v in refusal.items()}
+    none = rate["harmful/none"]
+    graph_red = none - rate["harmful/contrast_graph"]
+    null_rows = []
+    for family in ("layer_matched", "uniform"):
+        reds = np.array([none - x["rate"] for x in nulls if x["family"] == family])
+        null_rows.append({
+            "family": family, "n": int(len(reds)),
+            "mean_reduction": float(reds.mean()) if len(reds) else float("nan"),
+            "max_reduction": float(reds.max()) if len(reds) else float("nan"),
+            "n_at_least_graph": int((reds >= graph_red - 1e-12).sum()),
+            "overlap_allowed": bool(any(x["overlap_allowed"] for x in nulls if x["family"] == family)),
+        })
+    n_sub = len(subsets["contrast_instruct"])
+    return {
+        "model": c.name,
+        "cna_neurons": len(pool),
+        "graph_neurons": n_sub,
+        "harmful_graph_neurons": len(subsets["harmful_instruct"]),
+        "refusal": rate,
+        "quality": {k: v["mean_quality"] for k, v in refusal.items()},
+        "n_eval_harmful": refusal["harmful/none"]["n"],
+        "edges": {"instruct": graph_lib.n_edges(ei), "base": graph_lib.n_edges(eb),
+                  "shared": graph_lib.n_edges(ei & eb), "harmful_instruct": graph_lib.n_edges(gh.adjacency),
+                  "jaccard": graph_lib.edge_jaccard(ei, eb) if (ei | eb).any() else 0.0,
+                  "retention": graph_lib.retention(eb, ei)},
+        "null_edges": {k: graph_lib.n_edges(g.null_adjacency) for k, g in graphs.items()},
+        "graph_summaries": {k: g.summary() for k, g in graphs.items()},
+        "nulls": {"graph_n": n_sub, "graph_fraction_of_cna": n_sub / max(len(pool), 1),
+                  "graph_reduction": graph_red, "rows": null_rows},
+        "detector": c.generation.detector,
+    }

@@ -1,0 +1,41 @@
+"""Run (or resume) the whole study for one (base, instruct) model pair.
+
+    python launch/study.py --config=configs/smollm2_testbed.py --workdir=workdir/testbed
+    python launch/study.py --config=configs/llama_3_1_8b.py --config.generation.batch_size=64 --workdir=...
+
+Every stage is checkpointed under --workdir; rerunning the same command skips finished stages and
+resumes an interrupted one. The report lands in <workdir>/report/.
+"""
+import logging
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/smollm2_testbed.py", "Study config file (dotted overrides allowed).")
+flags.DEFINE_string("workdir", "workdir/study", "Where stages, caches and the report go.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+
+
+def main(argv):
+    del argv
+    F = flags.FLAGS
+    c = F.config
+    if c.get("distributed", False):
+        from cna_jax.distributed import initialize
+        initialize()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    from cna_jax.study import Study
+
+    t = time.time()
+    study = Study(c, F.workdir, progress=F.progress)
+    results = study.run()
+    report = os.path.join(F.workdir, "report", "report.md")
+    print(open(report).read())
+    print(f"study finished in {time.time() - t:.0f}s; report: {report}")
+    return results
+
+
+if __name__ == "__main__":
+    app.run(main)

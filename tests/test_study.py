@@ -1,0 +1,164 @@
+"""End-to-end study on a tiny random model pair (SmolLM2's tokenizer and chat template)."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cna_jax.config import study_config
+from cna_jax.study import Study, null_subsets
+from cna_jax.neurons import NeuronSet
+from hf_models import save_tiny
+
+SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+             rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    from cna_jax.lm import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pair")
+    tok = load_tokenizer("smollm2")
+    dirs = []
+    for seed in (0, 1):
+        path, _ = save_tiny(root, "llama", seed=seed, **{k: v for k, v in SHAPE.items()
+                                                          if k not in ("model_type", "rope_theta", "rope_scaling")})
+        tok.save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def tiny_config(pair):
+    c = study_config(name="tiny-pair", base=pair[0], instruct=pair[1], shape=dict(SHAPE), dtype="float32")
+    c.cna.k = 24
+    c.data.n_eval = 10
+    c.generation.max_new_tokens = 6
+    c.generation.batch_size = 16
+    c.collect.batch_size = 64
+    c.nulls.n_layer_matched = 3
+    c.nulls.n_uniform = 3
+    c.graph.n_resamples = 4
+    return c
+
+
+def _numbers(results):
+    r = copy.deepcopy(results)
+    r.pop("timings", None)
+    return json.loads(json.dumps(r, default=str))
+
+
+def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
+    c = tiny_config(tiny_pair)
+    ran = []
+    full = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
+    assert ran == ["cna", "acts-instruct", "acts-base", "graph-contrast_instruct", "graph-harmful_instruct",
+                   "graph-contrast_base", "refusal", "nulls"]
+    # Every table cell is filled from computed results.
+    report = open(tmp_path / "full" / "report" / "report.md").read()
+    from cna_jax.report import tables
+    for name, (header, rows) in tables([full]).items():
+        assert rows and all(len(r) == len(header) for r in rows), name
+        for row in rows:
+            for cell in row:
+                assert cell not in ("", "None", "nan"), (name, row)
+                assert cell in report
+    assert full["cna_neurons"] == 24
+    assert set(full["refusal"]) >= {"harmful/none", "harmful/cna", "harmful/contrast_graph", "harmful/harmful_graph"}
+    assert len(json.load(open(tmp_path / "full" / "stages" / [d for d in os.listdir(tmp_path / "full" / "stages")
+                                                               if d.startswith("nulls")][0] / "meta.json"))["nulls"]) == 6
+    for fig in ("graphs.png", "refusal.png", "nulls.png"):
+        assert os.path.getsize(tmp_path / "full" / "report" / fig) > 5000
+    for name in ("table_a_refusal.csv", "table_b_edges.csv", "table_c_harmful_only.csv", "table_d_nulls.csv",
+                 "results.json"):
+        assert os.path.exists(tmp_path / "full" / "report" / name)
+    assert NeuronSet.load(str(tmp_path / "full" / "neuron_set.json")).pairs()
+
+    # A second run reuses every stage.
+    ran.clear()
+    again = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
+    assert ran == [] and _numbers(again) == _numbers(full)
+
+    # A run killed in the middle of the null evaluations resumes without redoing finished items.
+    calls = []
+    original = Study._generate_item
+
+    def flaky(self, stage, item, prompts, neurons):
+        if item.startswith("null-") and not stage.has_item(item):
+            calls.append(item)
+            if len(calls) == 3:
+                raise RuntimeError("killed")
+        return original(self, stage, item, prompts, neurons)
+
+    Study._generate_item = flaky
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            Study(c, str(tmp_path / "resume"), progress=False).run()
+    finally:
+        Study._generate_item = original
+    done_before = list(calls[:2])
+    ran.clear()
+    redo = []
+
+    def counting(self, stage, item, prompts, neurons):
+        if not stage.has_item(item):
+            redo.append(item)
+        return original(self, stage, item, prompts, neurons)
+
+    Study._generate_item = counting
+    try:
+        resumed = Study(c, str(tmp_path / "resume"), progress=False, on_stage=ran.append).run()
+    finally:
+        Study._generate_item = original
+    assert ran == ["nulls"]  # only the interrupted stage ran again
+    assert not set(done_before) & set(redo) and len(redo) == 4
+    assert _numbers(resumed) == _numbers(full)
+
+
+def test_bad_configs_fail_fast(tiny_pair, tmp_path):
+    c = tiny_config(tiny_pair)
+    bad = copy.deepcopy(c)
+    bad.cna.k = 10_000
+    with pytest.raises(ValueError, match="cna.k"):
+        Study(bad, str(tmp_path / "a"), progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n")
+    bad = copy.deepcopy(c)
+    bad.data.harmful = str(empty)
+    with pytest.raises(ValueError, match="empty|no prompts"):
+        Study(bad, str(tmp_path / "b"), progress=False)
+    bad = copy.deepcopy(c)
+    bad.model.shape.model_type = "gpt2"
+    with pytest.raises(ValueError, match="gpt2"):
+        Study(bad, str(tmp_path / "c"), progress=False)
+    Study(c, str(tmp_path / "d"), progress=False)
+    other = copy.deepcopy(c)
+    other.data.seed = 1
+    with pytest.raises(ValueError, match="different config"):
+        Study(other, str(tmp_path / "d"), progress=False)
+    wrong_shape = copy.deepcopy(c)
+    wrong_shape.model.shape.intermediate_size = 256
+    with pytest.raises(ValueError, match="does not match"):
+        Study(wrong_shape, str(tmp_path / "e"), progress=False).lm("instruct")
+    missing = copy.deepcopy(c)
+    missing.model.instruct = str(tmp_path / "no_model_here")
+    with pytest.raises(FileNotFoundError):
+        Study(missing, str(tmp_path / "f"), progress=False).lm("instruct")
+
+
+def test_null_subsets_layer_matched_and_disjoint():
+    pool = NeuronSet.from_pairs([(l, i) for l in range(2, 6) for i in range(10)], 6, 10)
+    subset = np.array([0, 1, 12, 35])  # layers 2, 2, 3, 5
+    lm = null_subsets(pool, subset, 5, "layer_matched", seed=0)
+    for idx, overlap in lm:
+        assert not overlap and not set(idx) & set(subset)
+        assert sorted(pool.layers[idx].tolist()) == sorted(pool.layers[subset].tolist())
+    un = null_subsets(pool, subset, 5, "uniform", seed=0)
+    assert all(len(i) == 4 and not set(i) & set(subset) for i, _ in un)
+    assert len({tuple(i) for i, _ in un}) > 1
+    big = np.arange(30)  # more than half the pool: overlap must be allowed
+    assert all(o for _, o in null_subsets(pool, big, 3, "uniform", seed=0))
+    assert [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)] == \
+        [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)]
