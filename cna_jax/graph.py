@@ -1,6 +1,7 @@
 """Nodewise-LASSO dependence graphs over CNA neurons: data matrices, prescreen, stability, utilities.
 
-Pipeline for one data matrix ``x [rows, nodes]`` (:func:`fit_graph`): standardise columns ->
+Pipeline for one data matrix ``x [rows, nodes]`` (:func:`fit_graph`; jitted stages
+:func:`screen_arrays` and :func:`select_arrays`, vmapped over resamples by :func:`fit_graph_batch`): standardise columns ->
 normalised Gram ``S = z^T z / n`` (= Pearson correlations) -> Fisher z p-values -> Benjamini–Hochberg
 at level q over the ``p (p - 1) / 2`` pairs -> each node keeps at most its top-k significant partners
 -> warm-started LASSO path per node over its candidates (:mod:`cna_jax.lasso`) -> per-node λ by
@@ -209,8 +210,8 @@ def prescreen(gram, n_rows: int, q: float, k: int):
     iu, ju = np.triu_indices(p, 1)
     pv = fisher_pvalues(gram[iu, ju], n_rows)
     rej = bh_reject(pv, q)
-    sig = jnp.zeros((p, p), bool).at[iu, ju].set(rej)
-    sig = sig | sig.T
+    sig = jnp.zeros((p, p), jnp.int8).at[iu, ju].set(rej.astype(jnp.int8))
+    sig = jnp.maximum(sig, sig.T) > 0  # int8: see lasso.merge on fused bool transposes
     score = jnp.where(sig, jnp.abs(gram), -1.0)
     vals, cand = lax.top_k(score, k)
     return cand.astype(jnp.int32), vals >= 0, sig
@@ -228,33 +229,43 @@ def _grid(lam_max, st: GraphSettings):
     return lasso.lambda_grid(safe, st.n_lambdas, st.lambda_min_ratio)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
-def fit_graph_arrays(x, fold_ids, st: GraphSettings):
-    """One graph from one data matrix. x [rows, nodes]; fold_ids [rows] int (used by CV only).
-
-    Returns a dict: adjacency [p, p] bool (merged, undirected), directed [p, p] bool (``[j, i]`` =
-    node j selects i), lam [p] selected λ, n_candidates [p], max_gap (relative duality gap, max over
-    nodes and λ), constant [p] bool. Pure; shapes static, settings static.
-    """
+def _dense_fit(x, st: GraphSettings):
+    """No prescreen: every node on all others through the shared-Gram solver. x [rows, nodes]."""
     n, p = x.shape
     z, const = standardize(x)
     gram = z.T @ z / n
     nodes = jnp.arange(p)
-    if not st.prescreen:
-        mask = ~jnp.eye(p, dtype=bool) & ~const[None, :] & ~const[:, None]
-        lam_max = jnp.max(jnp.abs(jnp.where(mask, gram, 0.0)), axis=0)
-        grid = _grid(lam_max, st)
-        res = lasso.lasso_path_dense(
-            gram, mask, grid, st.tol, max_iter=st.max_iter, block_size=st.block_size, n_rows=n,
-            ebic_gamma=st.ebic_gamma, select=st.criterion,
-        )
-        directed = (res.best != 0).T
-        lam = grid[nodes, res.best_index]
-        return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=lam,
-                    n_candidates=jnp.sum(mask, axis=0), max_gap=jnp.max(res.gap), constant=const)
+    mask = ~jnp.eye(p, dtype=bool) & ~const[None, :] & ~const[:, None]
+    lam_max = jnp.max(jnp.abs(jnp.where(mask, gram, 0.0)), axis=0)
+    grid = _grid(lam_max, st)
+    res = lasso.lasso_path_dense(
+        gram, mask, grid, st.tol, max_iter=st.max_iter, block_size=st.block_size, n_rows=n,
+        ebic_gamma=st.ebic_gamma, select=st.criterion,
+    )
+    directed = (res.best != 0).T
+    return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=grid[nodes, res.best_index],
+                n_candidates=jnp.sum(mask, axis=0), max_gap=jnp.max(res.gap), constant=const)
 
-    k = min(st.k_candidates, p - 1)
-    cand, cmask, _ = prescreen(gram, n, st.q, k)
+
+def screen_arrays(x, st: GraphSettings):
+    """Stage 1 of a fit: x [rows, nodes] -> z [rows, nodes] (standardised), gram [p, p], constant [p],
+    cand [p, k] and cand_mask [p, k] (valid candidates first, by decreasing |r|)."""
+    n, p = x.shape
+    z, const = standardize(x)
+    gram = z.T @ z / n
+    cand, cmask, _ = prescreen(gram, n, st.q, min(st.k_candidates, p - 1))
+    return dict(z=z, gram=gram, constant=const, cand=cand, cand_mask=cmask)
+
+
+def select_arrays(z, gram, const, cand, cmask, fold_ids, st: GraphSettings):
+    """Stage 2: LASSO paths over candidates [p, K], per-node λ, merge. fold_ids [rows] (CV only).
+
+    Returns adjacency [p, p] bool (merged, undirected), directed [p, p] bool (``[j, i]`` = node j
+    selects i), lam [p] selected λ, n_candidates [p], max_gap (relative duality gap, max over nodes
+    and λ), constant [p] bool.
+    """
+    n, p = z.shape
+    nodes = jnp.arange(p)
     sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, nodes)
     lam_max = jnp.max(jnp.abs(xty), axis=1)
     grid = _grid(lam_max, st)
@@ -286,20 +297,55 @@ def fit_graph_arrays(x, fold_ids, st: GraphSettings):
                 n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
 
 
+@functools.lru_cache(maxsize=None)
+def _batched(st: GraphSettings):
+    """Jitted stages vmapped over a leading resample axis [batch, rows, nodes]."""
+    dense = jax.jit(jax.vmap(lambda x: _dense_fit(x, st)))
+    screen = jax.jit(jax.vmap(lambda x: screen_arrays(x, st)))
+    select = jax.jit(jax.vmap(lambda z, g, c, ca, cm, f: select_arrays(z, g, c, ca, cm, f, st)))
+    return dense, screen, select
+
+
+def _k_bucket(count: int, k: int) -> int:
+    """Candidate width actually solved: next power of two >= the widest node, capped at k. Solving
+    padding costs K^2 per node and sweep, and sparse data often has far fewer than k candidates;
+    buckets keep recompiles to a handful."""
+    b = 1
+    while b < count:
+        b *= 2
+    return max(1, min(b, k))
+
+
+def fit_graph_batch(xs, fold_ids, st: GraphSettings, min_k: int = 1):
+    """Graphs for a batch of data matrices xs [batch, rows, nodes]; fold_ids [batch, rows].
+    Returns the :func:`select_arrays` dict with a leading batch axis (JAX arrays) plus ``k_solved``,
+    the candidate width used (at least ``min_k``, so a caller can keep it from shrinking and
+    avoid recompiles)."""
+    dense, screen, select = _batched(st)
+    if not st.prescreen:
+        return dict(dense(xs), k_solved=xs.shape[-1] - 1)
+    s = screen(xs)
+    width = s["cand"].shape[-1]
+    k = min(max(_k_bucket(int(jnp.max(jnp.sum(s["cand_mask"], axis=-1))), width), min_k), width)
+    out = select(s["z"], s["gram"], s["constant"], s["cand"][..., :k], s["cand_mask"][..., :k], fold_ids)
+    return dict(out, k_solved=k)
+
+
 def _fold_ids(n: int, folds: int, rng):
     return rng.permutation(np.arange(n) % folds).astype(np.int32)
 
 
 def fit_graph(x, settings: Optional[GraphSettings] = None, check: bool = True):
-    """One graph (no resampling) from x [rows, nodes]; returns NumPy versions of fit_graph_arrays."""
+    """One graph (no resampling) from x [rows, nodes]; NumPy versions of :func:`select_arrays`."""
     st = settings or GraphSettings()
     if check:
         x = check_matrix(x, on_constant=st.on_constant)
     with _precision(st):
-        xj = jnp.asarray(x, st.dtype)
-        folds = jnp.asarray(_fold_ids(x.shape[0], st.cv_folds, np.random.default_rng(st.seed)))
-        out = fit_graph_arrays(xj, folds, st)
-        return {k: np.asarray(v) for k, v in out.items()}
+        xj = jnp.asarray(x, st.dtype)[None]
+        folds = jnp.asarray(_fold_ids(x.shape[0], st.cv_folds, np.random.default_rng(st.seed)))[None]
+        out = fit_graph_batch(xj, folds, st)
+        k = out.pop("k_solved")
+        return dict({name: np.asarray(v[0]) for name, v in out.items()}, k_solved=k)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,9 +437,9 @@ def stability_graph(x, settings: Optional[GraphSettings] = None, nodes=None, met
 
     For r in 1..R: a subsample of ``floor(subsample_fraction * rows)`` rows without replacement
     (seeded), its graph, and the graph of a null copy with every column permuted independently
-    (dependence destroyed, marginals kept) through the identical pipeline. ``resample_batch`` > 1
-    vmaps batches of resamples (a leading ``[resamples, rows, nodes]`` axis) -- worth it on
-    accelerators; on CPU one at a time is as fast and lighter on memory.
+    (dependence destroyed, marginals kept) through the identical pipeline. Each real subsample and
+    its null go through the jitted stages together as a leading ``[2 * resample_batch, rows, nodes]``
+    axis (``resample_batch`` > 1 pays on accelerators; on CPU 1 is as fast and lighter on memory).
     """
     st = settings or GraphSettings()
     x = check_matrix(x, on_constant=st.on_constant)
@@ -409,7 +455,7 @@ def stability_graph(x, settings: Optional[GraphSettings] = None, nodes=None, met
     freq = np.zeros((p, p), np.int64)
     nfreq = np.zeros((p, p), np.int64)
     counts, ncounts, gaps = [], [], []
-    batched = jax.jit(jax.vmap(fit_graph_arrays, in_axes=(0, 0, None)), static_argnums=(2,))
+    k_seen = 1
     it = range(0, st.n_resamples, st.resample_batch)
     if st.progress:
         try:
@@ -430,15 +476,10 @@ def stability_graph(x, settings: Optional[GraphSettings] = None, nodes=None, met
                 fs.append(_fold_ids(n_sub, st.cv_folds, rng))
             stack = jnp.asarray(np.stack(xs + xn), st.dtype)  # [2b, rows, nodes]: real then null
             folds = jnp.asarray(np.stack(fs + fs))
-            out = batched(stack, folds, st) if b > 1 else {
-                k: v[None] for k, v in fit_graph_arrays(stack[0], folds[0], st).items()}
-            if b == 1:
-                out_null = fit_graph_arrays(stack[1], folds[1], st)
-                adj = np.concatenate([np.asarray(out["adjacency"]), np.asarray(out_null["adjacency"])[None]])
-                gap = max(float(out["max_gap"][0]), float(out_null["max_gap"]))
-            else:
-                adj = np.asarray(out["adjacency"])
-                gap = float(np.max(np.asarray(out["max_gap"])))
+            out = fit_graph_batch(stack, folds, st, min_k=k_seen)
+            k_seen = out.pop("k_solved")
+            adj = np.asarray(out["adjacency"])
+            gap = float(np.max(np.asarray(out["max_gap"])))
             freq += adj[:b].sum(0)
             nfreq += adj[b:].sum(0)
             counts += [n_edges(a) for a in adj[:b]]

@@ -46,7 +46,7 @@ def _gap_terms(b, r, c, syy, lam, mask, xp, axis=-1):
     br = xp.sum(b * r, axis=axis)
     rss = syy - bc - br  # = b'Sb - 2b'c + syy, since b'Sb = b'c - b'r
     l1 = xp.sum(xp.abs(b), axis=axis)
-    dn = xp.max(xp.abs(r), axis=axis)
+    dn = xp.max(xp.abs(r), axis=axis, initial=0.0)  # initial: empty candidate sets
     # Scale the residual into the dual feasible set; guard dn == 0 (no candidates, or b exact).
     const = xp.where(dn > lam, lam / xp.where(dn > 0, dn, 1.0), 1.0)
     gap = 0.5 * rss * (1.0 + const * const) + lam * l1 - const * (syy - bc)
@@ -332,13 +332,15 @@ def directed_adjacency(coef, cand, p: int):
 
 def merge(directed, rule: str = "and"):
     """Undirected adjacency [p, p] from directed selections: AND (both directions) or OR."""
+    # int8 arithmetic: XLA CPU (jax 0.10.2) segfaults on some fused bool `d & d.T & mask` at p ~ 1000.
+    d = directed.astype(jnp.int8)
     if rule == "and":
-        a = directed & directed.T
+        a = jnp.minimum(d, d.T)
     elif rule == "or":
-        a = directed | directed.T
+        a = jnp.maximum(d, d.T)
     else:
         raise ValueError(f"merge must be one of {MERGES}, got {rule!r}")
-    return a & ~jnp.eye(a.shape[0], dtype=bool)
+    return (a * (1 - jnp.eye(a.shape[0], dtype=jnp.int8))) > 0
 
 
 @dataclasses.dataclass(frozen=True)
