@@ -42,6 +42,8 @@ flags.DEFINE_float("device_memory_gb", 80.0, "memory per device (1e9 bytes)")
 flags.DEFINE_float("headroom", 0.10, "fraction of device memory to keep free")
 flags.DEFINE_string("kv_heads", "", "fallback when KV heads don't divide tensor: replicate | batch")
 flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
+flags.DEFINE_string("compile_dtype", "auto", "dtype to compile in: auto (float32 for a bf16 model on CPU "
+                    "devices: the CPU compiler keeps float32 copies of bf16 weights), model, or a dtype name")
 flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
 
 GB = 1e9
@@ -77,6 +79,7 @@ class ProgramPlan:
     headroom: float
     platform: str
     compile_s: float
+    compile_dtype: str = ""
 
     @property
     def budget(self) -> float:
@@ -129,8 +132,15 @@ def _devices(n: int):
 
 
 def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tokens: int, dtype,
-                 device_memory: float, headroom: float, nodes: int = 1000) -> ProgramPlan:
-    """AOT-compiles one program (``generation`` or ``collection``) for the layout; no weights needed."""
+                 device_memory: float, headroom: float, nodes: int = 1000, compile_dtype=None) -> ProgramPlan:
+    """AOT-compiles one program (``generation`` or ``collection``) for the layout; no weights needed.
+
+    Parameter and KV-cache bytes are exact (shard shapes in ``dtype``). Temporaries come from the
+    compiled program's memory analysis. ``compile_dtype`` (e.g. float32 on a CPU planning a bf16 model)
+    compiles in that dtype instead: the CPU compiler upcasts bf16 matrix products and keeps float32
+    copies of the weights, which hardware with native bf16 dots never makes, so temporaries of a float32
+    compile (minus its float32 cache) are an upper bound for the bf16 program's.
+    """
     import time
 
     import jax
@@ -138,8 +148,10 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
 
     from cna_jax import sharding as S
 
+    dtype = jnp.dtype(dtype)
+    cdtype = jnp.dtype(compile_dtype or dtype)
     sd = jax.ShapeDtypeStruct
-    params = S.abstract_sharded_params(cfg, layout, dtype)
+    params = S.abstract_sharded_params(cfg, layout, cdtype)
     mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32, sharding=layout.sharding(("layers", "neurons")))
     if program == "generation":
         prompt = context - new_tokens
@@ -148,65 +160,75 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
         tokens = sd((batch, prompt), jnp.int32, sharding=layout.batch(2))
         valid = sd((batch, prompt), jnp.bool_, sharding=layout.batch(2))
         eos = sd((1,), jnp.int32, sharding=layout.replicated())
-        fn = S.sharded_generate(cfg, layout, dtype, max_new_tokens=new_tokens)
+        fn = S.sharded_generate(cfg, layout, cdtype, max_new_tokens=new_tokens)
         args = (params, tokens, valid, mult, eos)
         cache = S.cache_bytes_per_device(cfg, layout, batch, context, dtype)
+        compiled_cache = S.cache_bytes_per_device(cfg, layout, batch, context, cdtype)
     elif program == "collection":
         tokens = sd((batch, context), jnp.int32, sharding=layout.batch(2))
         valid = sd((batch, context), jnp.bool_, sharding=layout.batch(2))
         select = sd((batch, 1), jnp.int32, sharding=layout.batch(2))
         select_valid = sd((batch, 1), jnp.bool_, sharding=layout.batch(2))
         node_index = sd((nodes,), jnp.int32, sharding=layout.replicated())
-        fn = S.sharded_collect(cfg, layout, dtype)
+        fn = S.sharded_collect(cfg, layout, cdtype)
         args = (params, tokens, valid, select, select_valid, mult, node_index)
-        cache = 0
+        cache = compiled_cache = 0
     else:
         raise ValueError(f"unknown program {program!r} (generation, collection)")
     t = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t
     ma = compiled.memory_analysis()
-    def nbytes(tree):
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    param_bytes = nbytes(params)
+    def nbytes(tree, dt=None):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dt or x.dtype).itemsize
+                   for x in jax.tree.leaves(tree))
+
+    param_bytes = nbytes(params, dtype)
     # All parameters stay resident even where a program reads only some (collection skips lm_head, and
     # XLA drops unused arguments), so the total counts them all plus the other inputs.
     inputs = param_bytes + nbytes(args[1:])
     arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+    temps = temps - compiled_cache + cache  # the cache at its real dtype; the rest as compiled
     return ProgramPlan(
         program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
         kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
         arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
-        total=max(arguments, inputs) + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
-        platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s)
+        total=inputs + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
+        platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s, compile_dtype=cdtype.name)
 
 
 def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=None, batch: int = 64,
          context: int = 2048, new_tokens: int = 150, dtype=None, device_memory_gb: float = 80.0,
          headroom: float = 0.10, programs=("generation", "collection"), nodes: int = 1000,
-         devices=None) -> list[ProgramPlan]:
+         devices=None, compile_dtype="auto") -> list[ProgramPlan]:
     """Plans each program on one mesh. Generation uses ``rules``; collection uses the ``collection``
-    preset unless ``rules`` is ``fsdp`` (then fsdp). Raises ``ShardingError`` for layouts that don't divide."""
+    preset unless ``rules`` is ``fsdp`` (then fsdp). Raises ``ShardingError`` for layouts that don't divide.
+    ``compile_dtype="auto"``: float32 when compiling a bf16/fp16 model for CPU devices (see
+    :func:`plan_program`), else the model dtype; None: always the model dtype."""
     import jax.numpy as jnp
 
     from cna_jax import sharding as S
 
-    dtype = dtype or jnp.bfloat16
+    dtype = jnp.dtype(dtype or jnp.bfloat16)
     n = math.prod(mesh_shape)
     mesh = S.make_mesh(tuple(mesh_shape), devices if devices is not None else _devices(n))
+    if compile_dtype == "auto":
+        on_cpu = mesh.devices.flat[0].platform == "cpu"
+        compile_dtype = jnp.float32 if on_cpu and dtype.itemsize < 4 else None
     out = []
     for program in programs:
         preset = rules if program == "generation" or rules == "fsdp" else "collection"
         layout = S.make_layout(cfg, mesh, preset, kv_heads=kv_heads, batch=batch)
         out.append(plan_program(cfg, layout, program, batch=batch, context=context, new_tokens=new_tokens,
-                                dtype=dtype, device_memory=device_memory_gb * GB, headroom=headroom, nodes=nodes))
+                                dtype=dtype, device_memory=device_memory_gb * GB, headroom=headroom, nodes=nodes,
+                                compile_dtype=compile_dtype))
     return out
 
 
 def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, dtype, headroom: float,
-                programs, nodes: int, log=print) -> list[ProgramPlan]:
+                programs, nodes: int, log=print, compile_dtype="auto") -> list[ProgramPlan]:
     """Every layout of a named target; for targets with a batch list, the largest batch that fits each."""
     from cna_jax.sharding import ShardingError
 
@@ -219,7 +241,7 @@ def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, 
             try:
                 res = plan(cfg, mesh_shape, rules, kv_heads=kv, batch=b, context=context, new_tokens=new_tokens,
                            dtype=dtype, device_memory_gb=spec["memory_gb"], headroom=headroom, programs=programs,
-                           nodes=nodes)
+                           nodes=nodes, compile_dtype=compile_dtype)
             except ShardingError as e:
                 log(f"layout {mesh_shape} {rules} kv={kv} batch={b}: {e}")
                 continue
@@ -255,6 +277,8 @@ def main(argv):
 
     cfg = model_config(study)
     dtype = jnp.dtype(study.model.dtype)
+    compile_dtype = ("auto" if FLAGS.compile_dtype == "auto" else None if FLAGS.compile_dtype == "model"
+                     else jnp.dtype(FLAGS.compile_dtype))
     new_tokens = FLAGS.new_tokens if FLAGS.new_tokens >= 0 else int(study.generation.max_new_tokens)
     print(f"{study.name}: {cfg.num_params() / 1e9:.1f}B parameters, {dtype.name}, "
           f"{cfg.num_params() * dtype.itemsize / GB:.1f} GB of weights; batch {FLAGS.batch}, context {FLAGS.context} "
@@ -262,7 +286,8 @@ def main(argv):
     print(HEADER)
     if FLAGS.target:
         results = plan_target(cfg, FLAGS.target, batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens,
-                              dtype=dtype, headroom=FLAGS.headroom, programs=FLAGS.programs, nodes=FLAGS.nodes)
+                              dtype=dtype, headroom=FLAGS.headroom, programs=FLAGS.programs, nodes=FLAGS.nodes,
+                              compile_dtype=compile_dtype)
     else:
         sizes = tuple(int(study.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
         from cna_jax.sharding import resolve_mesh_shape
@@ -270,12 +295,16 @@ def main(argv):
         results = plan(cfg, sizes, study.mesh.get("rules", "generation"), kv_heads=FLAGS.kv_heads or None,
                        batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens, dtype=dtype,
                        device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
-                       programs=FLAGS.programs, nodes=FLAGS.nodes)
+                       programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype)
         for r in results:
             print(r.row())
     fitting = [r for r in results if r.fits]
     platform = results[0].platform if results else "?"
-    note = " (CPU compiler's memory analysis on simulated devices)" if platform == "cpu" else ""
+    note = ""
+    if platform == "cpu":
+        cd = results[0].compile_dtype
+        note = (" (CPU compiler's memory analysis on simulated devices"
+                + (f"; temporaries from a {cd} compile, an upper bound for {dtype.name} on GPU/TPU)" if cd != dtype.name else ")"))
     by_layout = {}
     for r in results:
         by_layout.setdefault((r.mesh, r.rules, r.kv_heads, r.batch), []).append(r)
