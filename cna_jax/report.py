@@ -66,7 +66,7 @@ def _write_tables(out_dir: str, rows: Sequence[dict]) -> str:
     return "\n".join(md)
 
 
-def plot_graphs(path: str, graphs: dict, pool, num_layers: int, title: str) -> None:
+def plot_graphs(path: str, adjacency: dict, pool, num_layers: int, title: str) -> None:
     """Full-depth graphs, base on top and instruct below; nodes placed by layer (x) and rank in layer (y)."""
     import matplotlib
 
@@ -80,7 +80,7 @@ def plot_graphs(path: str, graphs: dict, pool, num_layers: int, title: str) -> N
         idx = np.flatnonzero(layers == l)
         y[idx] = np.linspace(-1, 1, len(idx)) if len(idx) > 1 else 0.0
     for ax, (kind, label) in zip(axes, (("contrast_base", "base"), ("contrast_instruct", "instruct"))):
-        adj = graphs[kind].adjacency
+        adj = np.asarray(adjacency[kind], bool)
         iu = np.argwhere(np.triu(adj, 1))
         for a, b in iu:
             ax.plot([layers[a], layers[b]], [y[a], y[b]], color="0.55", lw=0.6, alpha=0.7, zorder=1)
@@ -143,15 +143,17 @@ def plot_nulls(path: str, result: dict, nulls: list[dict]) -> None:
     plt.close(fig)
 
 
-def write(workdir: str, result: dict, graphs: dict, pool, nulls: list[dict] | None = None) -> str:
-    """Writes report.md, results.json, table CSVs and figures into ``workdir/report``; returns report.md."""
-    out = os.path.join(workdir, "report")
+def write(out: str, result: dict, adjacency: dict, pool) -> str:
+    """Writes report.md, results.json, table CSVs and figures into ``out``; returns report.md's path.
+
+    adjacency: graph kind -> [p, p] bool; pool: the CNA NeuronSet (graph nodes)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=_json_default)
-    plot_graphs(os.path.join(out, "graphs.png"), graphs, pool, pool.num_layers, result["model"])
+    nulls = result.get("null_items")
+    plot_graphs(os.path.join(out, "graphs.png"), adjacency, pool, pool.num_layers, result["model"])
     plot_refusal(os.path.join(out, "refusal.png"), result)
-    if nulls is not None:
+    if nulls:
         plot_nulls(os.path.join(out, "nulls.png"), result, nulls)
     q = result["quality"]
     rate = result["refusal"]
@@ -178,7 +180,7 @@ detector. Graph subsets are the degree >= 1 nodes of the stability graphs (edge 
 
 ![refusal](refusal.png)
 
-{'![nulls](nulls.png)' if nulls is not None else ''}
+{'![nulls](nulls.png)' if nulls else ''}
 
 ### Stage times
 

@@ -113,6 +113,8 @@ class Study:
         if len(self.prompts.train_harmful) < 4:
             raise ValueError(f"only {len(self.prompts.train_harmful)} train pairs: too few for CNA and graphs")
         self.cache_dir = os.path.join(workdir, "cache")
+        self.report_dir = os.path.join(workdir, "report")
+        os.makedirs(self.report_dir, exist_ok=True)
         self.timings: dict[str, float] = {}
 
     # -- bookkeeping --------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class Study:
         arrays, meta = stage.load()
         ns = NeuronSet(arrays["layers"].astype(np.int64), arrays["indices"].astype(np.int64),
                        arrays["deltas"].astype(np.float32), meta["num_layers"], meta["intermediate_size"], meta["meta"])
-        ns.save(os.path.join(self.workdir, "neuron_set.json"))
+        ns.save(os.path.join(self.report_dir, "neuron_set.json"))
         self.delta = arrays["delta"]
         return ns
 
@@ -216,8 +218,9 @@ class Study:
                                         arrays["edge_counts"], arrays["null_edge_counts"],
                                         np.stack([pool.layers, pool.indices], 1), meta["n_rows"], meta["max_gap"],
                                         meta["settings"], {"kind": kind})
-        graph_lib.write_json(os.path.join(self.workdir, f"graph_{kind}.json"), res.adjacency, res.nodes, res.frequency)
-        graph_lib.write_graphml(os.path.join(self.workdir, f"graph_{kind}.graphml"), res.adjacency, res.nodes,
+        graph_lib.write_json(os.path.join(self.report_dir, f"graph_{kind}.json"), res.adjacency, res.nodes,
+                             res.frequency)
+        graph_lib.write_graphml(os.path.join(self.report_dir, f"graph_{kind}.graphml"), res.adjacency, res.nodes,
                                 res.frequency)
         return res
 
@@ -288,7 +291,7 @@ class Study:
         results["timings"] = {**self.timings, "total": time.time() - t0}
         from cna_jax import report
 
-        report.write(self.workdir, results, graphs, pool, nulls)
+        report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)
         return results
 
 
@@ -335,4 +338,5 @@ def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:
         "nulls": {"graph_n": n_sub, "graph_fraction_of_cna": n_sub / max(len(pool), 1),
                   "graph_reduction": graph_red, "rows": null_rows},
         "detector": c.generation.detector,
+        "null_items": [{k: x[k] for k in ("family", "i", "rate", "size", "overlap_allowed")} for x in nulls],
     }

@@ -69,12 +69,17 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     assert set(full["refusal"]) >= {"harmful/none", "harmful/cna", "harmful/contrast_graph", "harmful/harmful_graph"}
     assert len(json.load(open(tmp_path / "full" / "stages" / [d for d in os.listdir(tmp_path / "full" / "stages")
                                                                if d.startswith("nulls")][0] / "meta.json"))["nulls"]) == 6
+    # The report notebook redraws the tables and figures from the report folder alone.
+    from test_notebooks import outputs, run_notebook
+    nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": str(tmp_path / "full" / "report"), "TMPDIR": str(tmp_path)})
+    assert "CNA # of Neurons" in outputs(nb) and os.path.getsize(tmp_path / "cna_redraw" / "graphs.png") > 5000
     for fig in ("graphs.png", "refusal.png", "nulls.png"):
         assert os.path.getsize(tmp_path / "full" / "report" / fig) > 5000
     for name in ("table_a_refusal.csv", "table_b_edges.csv", "table_c_harmful_only.csv", "table_d_nulls.csv",
                  "results.json"):
         assert os.path.exists(tmp_path / "full" / "report" / name)
-    assert NeuronSet.load(str(tmp_path / "full" / "neuron_set.json")).pairs()
+    assert NeuronSet.load(str(tmp_path / "full" / "report" / "neuron_set.json")).pairs()
+    assert os.path.exists(tmp_path / "full" / "report" / "graph_contrast_base.graphml")
 
     # A second run reuses every stage.
     ran.clear()
