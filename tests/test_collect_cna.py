@@ -158,3 +158,19 @@ def test_discover_smollm2_end_to_end(smollm2_lm):
     assert len(ns) == 47 and delta.shape == (30, 1536)
     assert ns.layer_counts()[:2].sum() == 0
     assert np.all(np.abs(ns.deltas) >= np.sort(np.abs(delta[2:]).ravel())[-47] - 1e-6)
+
+
+def test_discover_launch_script_end_to_end(tmp_path):
+    """launch/discover.py on SmolLM2 with the built-in prompt sets (a subset of pairs to keep CI fast)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "disc"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "discover.py"), "--config", os.path.join(ROOT, "configs",
+           "smollm2_135m.py"), "--config.data.n_pairs=40", f"--workdir={out}", "--noprogress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from cna_jax.neurons import NeuronSet
+    ns = NeuronSet.load(str(out / "neuron_set.json"))
+    assert len(ns) == 47 and ns.layer_counts()[:2].sum() == 0
+    assert "47 neurons" in (out / "report.md").read_text()
