@@ -103,45 +103,48 @@ def gather_candidates(gram, cand, cand_mask, targets):
 
 class PathResult(NamedTuple):
     """A LASSO path over candidate sets. coef [lambdas, nodes, K]; gap (relative) [lambdas, nodes];
-    n_iter [lambdas] sweeps; rss [lambdas, nodes] = ||y - Xb||^2/n; df [lambdas, nodes] non-zeros."""
+    n_iter [lambdas] sweeps (max over node chunks); rss [lambdas, nodes] = ||y - Xb||^2/n;
+    df [lambdas, nodes] non-zeros; node_sweeps [lambdas] node-sweeps done (work count)."""
 
     coef: jax.Array
     gap: jax.Array
     n_iter: jax.Array
     rss: jax.Array
     df: jax.Array
+    node_sweeps: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------------
 # Solver 1: per-node candidate sets, sub-Grams [nodes, K, K]
 # ---------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("max_iter",))
-def lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol=1e-4, max_iter: int = 1000):
-    """Warm-started coordinate-descent LASSO path for many small problems at once.
+def _path_chunk(sub_gram, xty, yty, mask, lambdas, tol, max_iter):
+    """Path for one chunk of nodes (the arrays of lasso_path_candidates restricted to the chunk).
 
-    sub_gram [nodes, K, K]; xty [nodes, K]; yty [nodes]; mask [nodes, K] bool (False = padding);
-    lambdas [nodes, lambdas] decreasing. Stops a λ when every node's relative duality gap <= tol
-    (or after max_iter sweeps). Returns :class:`PathResult`.
-    """
+    Inside, nodes sit on the trailing (vector-lane) axis: coordinate j's step touches the contiguous
+    row ``gt[j] [K, chunk]`` (sub-Grams are symmetric, so row j is column j)."""
     dtype = sub_gram.dtype
     n_nodes, k = xty.shape
-    maskf = mask.astype(dtype)
-    diag = jnp.where(mask, jnp.diagonal(sub_gram, axis1=1, axis2=2), 1.0)
+    gt = jnp.transpose(sub_gram, (1, 2, 0))  # [K, K, chunk]
+    ct, mt = xty.T, mask.T  # [K, chunk]
+    maskf = mt.astype(dtype)
+    diag = jnp.where(mt, jnp.diagonal(sub_gram, axis1=1, axis2=2).T, 1.0)
     diag = jnp.where(diag > 0, diag, 1.0)
     syy_safe = jnp.where(yty > 0, yty, 1.0)
 
     def sweep(lam, b, r):
         def coord(j, carry):
             b, r = carry
-            bj = b[:, j]
-            new = _soft(bj * diag[:, j] + r[:, j], lam) / diag[:, j] * maskf[:, j]
-            r = r - (new - bj)[:, None] * sub_gram[:, j, :]  # row j == column j (symmetric)
-            return b.at[:, j].set(new), r
+            bj = b[j]
+            new = _soft(bj * diag[j] + r[j], lam) / diag[j] * maskf[j]
+            return b.at[j].set(new), r - gt[j] * (new - bj)[None, :]
 
         return lax.fori_loop(0, k, coord, (b, r))
 
+    def exact_grad(b):
+        return ct - jnp.einsum("ijn,jn->in", gt, b)
+
     def gap_of(b, r, lam):
-        gap, rss, _ = _gap_terms(b, r, xty, yty, lam, mask, jnp)
+        gap, rss, _ = _gap_terms(b, r, ct, yty, lam, mt, jnp, axis=0)
         return gap / syy_safe, rss
 
     def solve(carry, lam):
@@ -153,18 +156,55 @@ def lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol=1e-4, max_iter:
         def body(st):
             b, r, it, _ = st
             b, r = sweep(lam, b, r)
-            return b, r, it + 1, jnp.max(gap_of(b, r, lam)[0])
+            worst = jnp.max(gap_of(b, r, lam)[0])
 
+            # The running gradient drifts by rounding: confirm convergence on an exact one.
+            def refresh(_):
+                r2 = exact_grad(b)
+                return r2, jnp.max(gap_of(b, r2, lam)[0])
+
+            r, worst = lax.cond(worst <= tol, refresh, lambda _: (r, worst), None)
+            return b, r, it + 1, worst
+
+        r = exact_grad(b)
         b, r, it, _ = lax.while_loop(cond, body, (b, r, jnp.int32(0), jnp.max(gap_of(b, r, lam)[0])))
-        # Recompute the gradient exactly once per λ so rounding drift does not accumulate.
-        r = xty - jnp.einsum("nij,nj->ni", sub_gram, b)
         rel, rss = gap_of(b, r, lam)
-        out = (b, rel, it, rss, jnp.sum(b != 0, axis=-1).astype(jnp.int32))
+        out = (b.T, rel, it, rss, jnp.sum(b != 0, axis=0).astype(jnp.int32))
         return (b, r), out
 
-    b0 = jnp.zeros((n_nodes, k), dtype)
-    (_, _), (coef, gap, n_iter, rss, df) = lax.scan(solve, (b0, xty), lambdas.T)
-    return PathResult(coef, gap, n_iter, rss, df)
+    b0 = jnp.zeros((k, n_nodes), dtype)
+    (_, _), (coef, gap, n_iter, rss, df) = lax.scan(solve, (b0, ct), lambdas.T)
+    return coef, gap, n_iter, rss, df
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "chunk"))
+def lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol=1e-4, max_iter: int = 1000, chunk: int = 64):
+    """Warm-started coordinate-descent LASSO path for many small problems at once.
+
+    sub_gram [nodes, K, K]; xty [nodes, K]; yty [nodes]; mask [nodes, K] bool (False = padding);
+    lambdas [nodes, lambdas] decreasing. Nodes are solved in chunks of ``chunk`` (lax.map): a chunk's
+    sub-Grams stay in cache for its whole path, and each chunk stops a λ as soon as all of *its*
+    nodes have relative duality gap <= tol (or after max_iter sweeps), so one slow node does not
+    keep every node sweeping. Returns :class:`PathResult`.
+    """
+    n_nodes, k = xty.shape
+    c = max(1, min(chunk, n_nodes))
+    pad = -n_nodes % c
+    if pad:  # padded nodes: identity Gram, nothing to fit
+        eye = jnp.broadcast_to(jnp.eye(k, dtype=sub_gram.dtype), (pad, k, k))
+        sub_gram = jnp.concatenate([sub_gram, eye])
+        xty = jnp.pad(xty, ((0, pad), (0, 0)))
+        yty = jnp.pad(yty, (0, pad))
+        mask = jnp.pad(mask, ((0, pad), (0, 0)))
+        lambdas = jnp.pad(lambdas, ((0, pad), (0, 0)), constant_values=1.0)
+    m = (n_nodes + pad) // c
+    split = lambda a: a.reshape((m, c) + a.shape[1:])  # noqa: E731
+    coef, gap, n_iter, rss, df = lax.map(
+        lambda args: _path_chunk(*args, tol, max_iter),
+        (split(sub_gram), split(xty), split(yty), split(mask), split(lambdas)),
+    )
+    join = lambda a: jnp.swapaxes(a, 0, 1).reshape((a.shape[1], m * c) + a.shape[3:])[:, :n_nodes]  # noqa: E731
+    return PathResult(join(coef), join(gap), jnp.max(n_iter, axis=0), join(rss), join(df), jnp.sum(n_iter, axis=0) * c)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -194,3 +194,14 @@ def test_lasso_settings_reject_bad_values(kw, msg):
         lasso.LassoSettings(**kw)
     with pytest.raises(ValueError):
         lasso.lasso_path_dense(jnp.eye(3), jnp.ones((3, 3), bool), jnp.ones((3, 2)), select="cv")
+
+
+def test_merge_large_bool_matrix_regression():
+    """jax 0.10.2 XLA CPU segfaulted on a fused bool ``d & d.T & ~eye`` at p = 1000 (see merge)."""
+    d = np.random.default_rng(7).uniform(size=(1000, 1000)) < 0.02
+    a = np.asarray(jax.jit(lambda d: lasso.merge(d, "and"))(jnp.asarray(d)))
+    o = np.asarray(jax.jit(lambda d: lasso.merge(d, "or"))(jnp.asarray(d)))
+    want_a, want_o = d & d.T, d | d.T
+    np.fill_diagonal(want_a, False), np.fill_diagonal(want_o, False)
+    np.testing.assert_array_equal(a, want_a)
+    np.testing.assert_array_equal(o, want_o)
