@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, bucket, left_pad
+from cna_jax.lm import LM, padded_batches
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions
 
@@ -149,22 +149,14 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     if position == "last_k" and min(map(len, ids)) < last_k:
         raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
     node_index = jnp.asarray(node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1], jnp.int32)
-    mult = None if neuron_mult is None else jnp.asarray(neuron_mult, jnp.float32)
+    mult = lm.multiplier_array(neuron_mult)
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
     sumsq = np.zeros_like(sums)
     count = 0
     rows, row_prompt = [], []
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(batches, desc=desc, unit="batch")
-    for batch_rows in iterator:
-        seqs = [ids[r] for r in batch_rows]
-        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), lm.pad_id(), batch=min(batch_size, len(order)))
+    for batch_rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc):
         select, sel_valid = _select_positions(valid, position, last_k)
-        sel_valid[len(seqs):] = False  # filler rows repeat a real prompt; they must not count
+        sel_valid[len(batch_rows):] = False  # filler rows repeat a real prompt; they must not count
         s, sq, acts = collect_batch(lm.params, tokens, valid, select, sel_valid, mult, node_index,
                                     cfg=cfg, dtype=lm.dtype)
         sums += np.asarray(s, np.float64)

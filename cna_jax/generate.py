@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, bucket, left_pad
+from cna_jax.lm import LM, padded_batches
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, KVCache, padding_positions
 
@@ -97,23 +97,10 @@ def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = No
         raise ValueError("no prompts to generate from")
     ids = lm.encode(prompts)
     eos = jnp.asarray(lm.eos_ids() or (lm.pad_id(),), jnp.int32)
-    mult = None if neuron_mult is None else jnp.asarray(neuron_mult, jnp.float32)
-    if mult is not None and mult.shape != (lm.cfg.num_hidden_layers, lm.cfg.intermediate_size):
-        raise ValueError(f"neuron_mult has shape {mult.shape}, expected "
-                         f"{(lm.cfg.num_hidden_layers, lm.cfg.intermediate_size)}")
-    # Sorting by length keeps padding (wasted compute) low; results are put back in prompt order.
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    mult = lm.multiplier_array(neuron_mult)
     texts: list[str] = [""] * len(prompts)
     toks: list[list[int]] = [[]] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(batches, desc=desc, unit="batch")
-    for rows in iterator:
-        seqs = [ids[r] for r in rows]
-        length = bucket(max(len(s) for s in seqs))
-        tokens, valid = left_pad(seqs, length, lm.pad_id(), batch=min(batch_size, len(order)))
+    for rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc):
         out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
                                    max_new_tokens=max_new_tokens)
         out, num = np.asarray(out), np.asarray(num)

@@ -101,6 +101,16 @@ class LM:
             return int(tok.pad_token_id)
         return self.eos_ids()[0] if self.eos_ids() else 0
 
+    def multiplier_array(self, neuron_mult):
+        """The neuron multiplier as a float32 device array (None stays None), shape-checked."""
+        if neuron_mult is None:
+            return None
+        mult = jnp.asarray(neuron_mult, jnp.float32)
+        want = (self.cfg.num_hidden_layers, self.cfg.intermediate_size)
+        if mult.shape != want:
+            raise ValueError(f"neuron_mult has shape {mult.shape}, expected {want}")
+        return mult
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -131,3 +141,20 @@ def bucket(n: int, multiple: int = 32) -> int:
     if n <= 256:
         return max(multiple, -(-n // multiple) * multiple)
     return 1 << (n - 1).bit_length()
+
+
+def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress: bool = False,
+                   desc: str = ""):
+    """Yields (row indices, tokens [B, T], valid [B, T]) over token lists sorted by length (less padding).
+
+    Every batch has ``min(batch_size, len(ids))`` rows (fillers repeat a real row) and a bucketed
+    length, so a jitted consumer compiles for few shapes."""
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for rows in batches:
+        seqs = [ids[r] for r in rows]
+        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), pad_id, batch=min(batch_size, len(order)))
+        yield rows, tokens, valid
