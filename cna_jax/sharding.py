@@ -179,7 +179,7 @@ class Layout:
         return param_shardings(cfg, self, dtype)
 
     def cache(self) -> KVCache:
-        """KVCache of NamedShardings, each ``[layers, batch, slots, kv_heads, head_dim]``."""
+        """KVCache of NamedShardings (axes ``CACHE_AXES`` of ``cna_jax.models.llama``)."""
         s = self.sharding(CACHE_AXES)
         return KVCache(s, s)
 
@@ -327,7 +327,7 @@ def per_device_bytes(tree) -> dict[int, int]:
 
 def cache_bytes_per_device(cfg: ModelConfig, layout: Layout, batch: int, slots: int, dtype) -> int:
     """Bytes of the KV cache (k and v) on one device under the layout."""
-    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    shape = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, slots, dtype)).k.shape  # in CACHE_AXES order
     local = layout.sharding(CACHE_AXES).shard_shape(shape)
     return 2 * math.prod(local) * jnp.dtype(dtype).itemsize
 
@@ -429,8 +429,8 @@ def pad_nodes(n_nodes: int, mesh: Mesh) -> int:
 
 def _pad_candidate_problems(sub_gram, xty, yty, mask, lambdas, to: int):
     """Pads the node axis with inert problems: no candidates (unit diagonal), y'y = 1, λ = 1. Their
-    coefficients stay 0 and their duality gap is exactly 0, so the solver's stopping test (max gap over
-    nodes) and every real node's result are unchanged."""
+    coefficients stay 0 and their duality gap is exactly 0, so no solver loop runs for them and every
+    real node's result is unchanged."""
     n = xty.shape[0]
     if to == n:
         return sub_gram, xty, yty, mask, lambdas
@@ -442,109 +442,137 @@ def _pad_candidate_problems(sub_gram, xty, yty, mask, lambdas, to: int):
             jnp.concatenate([lambdas, jnp.ones((pad, lambdas.shape[1]), lambdas.dtype)]))
 
 
-def _lasso_candidates_fn(sub_gram, xty, yty, mask, lambdas, tol, *, max_iter: int):
+# How each per-λ summary of lasso.PathResult combines over the devices' node blocks.
+_PATH_REDUCTIONS = {"n_iter": "max", "node_sweeps": "sum"}
+
+
+def sharded_lasso(layout: Layout, max_iter: int = 1000, chunk: int = 64) -> Callable:
+    """The candidate-set LASSO path solver (``cna_jax.lasso.lasso_path_candidates``) with its node axis
+    split over every device of the mesh (``shard_map``: each device solves its own block of nodes):
+    ``(sub_gram [N,K,K], xty [N,K], yty [N], mask [N,K], lambdas [N,T], tol) -> PathResult``.
+
+    The solver works in chunks of ``chunk`` nodes, each stopping a λ when all of its nodes converge.
+    N is padded with inert problems to a multiple of devices x chunk, so every device's chunks are
+    exactly the single-device solver's chunks: the result equals one device's, bit for bit.
+    """
     from cna_jax import lasso
 
-    return lasso.lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol, max_iter=max_iter)
+    try:
+        shard_map = jax.shard_map
+    except AttributeError:  # older JAX
+        from jax.experimental.shard_map import shard_map
+    mesh = layout.mesh
+    axes = _axes_tuple(layout.rules_dict.get("nodes"))
+    n_dev = _axes_size(mesh, axes)
+    fields = lasso.PathResult._fields
+    unknown = [f for f in fields if f not in ("coef", "gap", "rss", "df") and f not in _PATH_REDUCTIONS]
+    if unknown:
+        raise ShardingError(f"sharded_lasso does not know how to combine PathResult field(s) {unknown} over "
+                            "devices; add them to cna_jax.sharding._PATH_REDUCTIONS")
+    node_specs = {"coef": P(None, axes, None), "gap": P(None, axes), "rss": P(None, axes), "df": P(None, axes)}
+    out_specs = lasso.PathResult(**{f: node_specs.get(f, P()) for f in fields})
+    in_specs = (P(axes, None, None), P(axes, None), P(axes), P(axes, None), P(axes, None), P())
 
+    def local(sub_gram, xty, yty, mask, lambdas, tol):
+        res = lasso.lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol, max_iter=max_iter, chunk=chunk)
+        red = {f: (jax.lax.pmax if how == "max" else jax.lax.psum)(getattr(res, f), axes)
+               for f, how in _PATH_REDUCTIONS.items()}
+        return res._replace(**red)
 
-def sharded_lasso(layout: Layout, max_iter: int = 1000) -> Callable:
-    """The candidate-set LASSO path solver (``cna_jax.lasso.lasso_path_candidates``) with its node axis
-    split over every device of the mesh: ``(sub_gram [N,K,K], xty [N,K], yty [N], mask [N,K],
-    lambdas [N,T], tol) -> PathResult`` (coef [T,N,K], gap/rss/df [T,N], n_iter [T]).
-
-    Any N: the node axis is padded with inert problems to a multiple of the device count and the
-    padding is dropped from the result, which equals the single-device solver's.
-    """
-    from cna_jax.lasso import PathResult
-
-    node = layout.sharding(("nodes",))
-    node2 = layout.sharding(("nodes", None))
-    node3 = layout.sharding(("nodes", None, None))
-    path_node2 = layout.sharding((None, "nodes"))
-    path_node3 = layout.sharding((None, "nodes", None))
-    rep = layout.replicated()
-    jitted = ShardedFunction(
-        _lasso_candidates_fn, layout, (node3, node2, node, node2, node2, rep),
-        PathResult(path_node3, path_node2, rep, path_node2, path_node2), {"max_iter": max_iter})
+    try:  # the solver's loop carries start as constants: no varying-axis type checks
+        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    except TypeError:  # older JAX spells it check_rep
+        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    jitted = jax.jit(mapped, in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
+                     out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
+                                                is_leaf=lambda x: isinstance(x, P)))
 
     def solve(sub_gram, xty, yty, mask, lambdas, tol=1e-4):
+        sub_gram = jnp.asarray(sub_gram)
         n = xty.shape[0]
-        padded = _pad_candidate_problems(jnp.asarray(sub_gram), jnp.asarray(xty), jnp.asarray(yty),
-                                         jnp.asarray(mask, bool), jnp.asarray(lambdas), pad_nodes(n, layout.mesh))
-        res = jitted(*padded, jnp.asarray(tol, jnp.asarray(sub_gram).dtype))
-        return PathResult(res.coef[:, :n], res.gap[:, :n], res.n_iter, res.rss[:, :n], res.df[:, :n])
+        c = max(1, min(chunk, n))
+        block = n_dev * c
+        padded = _pad_candidate_problems(sub_gram, jnp.asarray(xty), jnp.asarray(yty), jnp.asarray(mask, bool),
+                                         jnp.asarray(lambdas), -(-n // block) * block)
+        res = jitted(*padded, jnp.asarray(tol, sub_gram.dtype))
+        return res._replace(**{f: getattr(res, f)[:, :n] for f in node_specs})
 
     solve.jitted = jitted
     return solve
 
 
 def sharded_fit_graph(layout: Layout, settings=None) -> Callable:
-    """One nodewise-LASSO graph (``cna_jax.graph.fit_graph`` semantics, prescreened candidate sets)
-    whose LASSO runs node-sharded over the mesh: ``x [rows, nodes] -> dict`` of NumPy arrays
-    (adjacency, directed, lam, n_candidates, max_gap, constant).
+    """One nodewise-LASSO graph with ``cna_jax.graph.fit_graph`` semantics whose LASSO paths run with
+    the node axis split over every device: ``x [rows, nodes] -> dict`` of NumPy arrays (adjacency,
+    directed, lam, n_candidates, max_gap, constant, k_solved).
 
-    The Gram, the BH prescreen and the λ selection are cheap ``[p, p]`` work done replicated; the
-    path solver (the cost) is :func:`sharded_lasso`.
+    The screen (standardise, Gram, BH prescreen) is ``graph.screen_arrays`` and λ selection / merging
+    use ``cna_jax.lasso``'s functions, as ``graph.select_arrays`` does; the path solves (the cost) go
+    through :func:`sharded_lasso`.
     """
     from cna_jax import graph, lasso
 
     st = settings or graph.GraphSettings()
     if not st.prescreen:
-        raise ShardingError("sharded_fit_graph shards the candidate-set solver: use prescreen=True "
+        raise ShardingError("sharded_fit_graph splits the candidate-set solver over nodes: use prescreen=True "
                             "(the dense all-node solver runs on one device through cna_jax.graph.fit_graph)")
     solver = sharded_lasso(layout, st.max_iter)
+    screen_j = jax.jit(lambda x: graph.screen_arrays(x, st))
 
-    @functools.partial(jax.jit, static_argnames=("n", "p"))
-    def _problems(x, n, p):
-        z, const = graph.standardize(x)
-        gram = z.T @ z / n
-        k = min(st.k_candidates, p - 1)
-        cand, cmask, _ = graph.prescreen(gram, n, st.q, k)
+    @jax.jit
+    def problems(gram, cand, cmask):
+        sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, jnp.arange(gram.shape[0]))
+        return sub, xty, yty, graph._grid(jnp.max(jnp.abs(xty), axis=1), st)
+
+    @functools.partial(jax.jit, static_argnames=("fold",))
+    def fold_problems(z, cand, cmask, fold_ids, fold):
+        n, p = z.shape
+        w = (fold_ids != fold).astype(z.dtype)
+        n_tr = jnp.maximum(jnp.sum(w), 1.0)
+        n_va = jnp.maximum(n - jnp.sum(w), 1.0)
+        g_tr = (z * w[:, None]).T @ z / n_tr
+        g_va = (z * (1.0 - w)[:, None]).T @ z / n_va
         nodes = jnp.arange(p)
-        sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, nodes)
-        grid = graph._grid(jnp.max(jnp.abs(xty), axis=1), st)
-        return z, const, gram, cand, cmask, sub, xty, yty, grid
+        return lasso.gather_candidates(g_tr, cand, cmask, nodes), lasso.gather_candidates(g_va, cand, cmask, nodes)
 
-    @functools.partial(jax.jit, static_argnames=("n", "p"))
-    def _select(path_rss, path_df, path_coef, path_gap, cand, cmask, grid, const, z, fold_losses, n, p):
+    @functools.partial(jax.jit, static_argnames=("n",))
+    def finish(path, loss, grid, cand, cmask, const, n):
+        p = cand.shape[0]
         nodes = jnp.arange(p)
         if st.criterion in ("ebic", "bic"):
             gamma = st.ebic_gamma if st.criterion == "ebic" else 0.0
-            crit = lasso.information_criterion(path_rss, path_df, n, jnp.full((p,), p - 1), gamma)
+            crit = lasso.information_criterion(path.rss, path.df, n, jnp.full((p,), p - 1), gamma)
             idx = lasso.select_index(crit)
         elif st.criterion == "cv":
-            idx = lasso.select_index(fold_losses)
+            idx = lasso.select_index(loss)
         else:
             idx = jnp.full((p,), st.n_lambdas - 1, jnp.int32)
-        coef = path_coef[idx, nodes]
+        coef = path.coef[idx, nodes]
         directed = lasso.directed_adjacency(coef * cmask, cand, p)
         return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=grid[nodes, idx],
-                    n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path_gap), constant=const)
+                    n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
 
     def fit(x, check: bool = True):
         if check:
             x = graph.check_matrix(x, on_constant=st.on_constant)
         with graph._precision(st):
             xj = jnp.asarray(x, st.dtype)
-            n, p = xj.shape
-            z, const, gram, cand, cmask, sub, xty, yty, grid = _problems(xj, n, p)
+            n = xj.shape[0]
+            s = screen_j(xj)
+            width = s["cand"].shape[-1]
+            k = min(max(graph._k_bucket(int(jnp.max(jnp.sum(s["cand_mask"], axis=-1))), width), 1), width)
+            cand, cmask = s["cand"][:, :k], s["cand_mask"][:, :k]
+            sub, xty, yty, grid = problems(s["gram"], cand, cmask)
             path = solver(sub, xty, yty, cmask, grid, st.tol)
-            losses = jnp.zeros_like(path.rss)
+            loss = jnp.zeros_like(path.rss)
             if st.criterion == "cv":
-                fold_ids = jnp.asarray(graph._fold_ids(n, st.cv_folds, np.random.default_rng(st.seed)))
+                folds = jnp.asarray(graph._fold_ids(n, st.cv_folds, np.random.default_rng(st.seed)))
                 for f in range(st.cv_folds):
-                    w = (fold_ids != f).astype(z.dtype)
-                    n_tr = jnp.maximum(jnp.sum(w), 1.0)
-                    n_va = jnp.maximum(n - jnp.sum(w), 1.0)
-                    g_tr = (z * w[:, None]).T @ z / n_tr
-                    g_va = (z * (1.0 - w)[:, None]).T @ z / n_va
-                    s_tr, c_tr, y_tr = lasso.gather_candidates(g_tr, cand, cmask, jnp.arange(p))
-                    s_va, c_va, y_va = lasso.gather_candidates(g_va, cand, cmask, jnp.arange(p))
+                    (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(s["z"], cand, cmask, folds, f)
                     pf = solver(s_tr, c_tr, y_tr, cmask, grid, st.tol)
-                    losses = losses + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
-            out = _select(path.rss, path.df, path.coef, path.gap, cand, cmask, grid, const, z, losses, n, p)
-            return {k: np.asarray(v) for k, v in out.items()}
+                    loss = loss + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
+            out = finish(path, loss, grid, cand, cmask, s["constant"], n)
+            return dict({name: np.asarray(v) for name, v in out.items()}, k_solved=k)
 
     fit.solver = solver
     return fit

@@ -170,11 +170,13 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     fit = S.sharded_fit_graph(layout, st)
     got = fit(lasso_data)
     assert want["adjacency"].sum() > 0
+    assert got["k_solved"] == want["k_solved"]
     for key in ("adjacency", "directed", "n_candidates", "constant"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     np.testing.assert_allclose(got["lam"], want["lam"], rtol=1e-6)
+    np.testing.assert_allclose(got["max_gap"], want["max_gap"], rtol=1e-6)
 
-    # The solver itself: node axis split over all 8 devices, same path as one device.
+    # The batched solver itself: node axis padded to a multiple of 8 and split, same path as one device.
     xj = jnp.asarray(graph.standardize(jnp.asarray(lasso_data, jnp.float32))[0])
     gram = xj.T @ xj / xj.shape[0]
     p = gram.shape[0]
@@ -185,6 +187,7 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     ref = lasso.lasso_path_candidates(sub, xty, yty, cmask, grid, 1e-4)
     res = fit.solver(sub, xty, yty, cmask, grid, 1e-4)
     assert res.coef.shape == ref.coef.shape
-    np.testing.assert_allclose(np.asarray(res.coef), np.asarray(ref.coef), atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(res.n_iter), np.asarray(ref.n_iter))
-    np.testing.assert_array_equal(np.asarray(res.df), np.asarray(ref.df))
+    for name in ref._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(res, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    # Each device solved its own block of nodes: the coefficients come back split over all 8.
+    assert len({s.device for s in res.coef.addressable_shards}) == 8 or shape == (8, 1, 1)
