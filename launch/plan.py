@@ -44,6 +44,8 @@ flags.DEFINE_string("kv_heads", "", "fallback when KV heads don't divide tensor:
 flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
 flags.DEFINE_string("compile_dtype", "auto", "dtype to compile in: auto (float32 for a bf16 model on CPU "
                     "devices: the CPU compiler keeps float32 copies of bf16 weights), model, or a dtype name")
+flags.DEFINE_list("batches", [], "named targets: batch sizes to try, largest first (default: the target's list)")
+flags.DEFINE_bool("all_layouts", False, "named targets: plan every layout, not only up to the first that fits")
 flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
 
 GB = 1e9
@@ -228,14 +230,17 @@ def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=
 
 
 def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, dtype, headroom: float,
-                programs, nodes: int, log=print, compile_dtype="auto") -> list[ProgramPlan]:
-    """Every layout of a named target; for targets with a batch list, the largest batch that fits each."""
+                programs, nodes: int, log=print, compile_dtype="auto", batches=None,
+                all_layouts: bool = False) -> list[ProgramPlan]:
+    """The layouts of a named target in order, each at the largest batch (of ``batches`` or the
+    target's list, <= ``batch``) that fits; stops at the first layout that fits unless ``all_layouts``."""
     from cna_jax.sharding import ShardingError
 
     spec = TARGETS[target]
     results = []
     for mesh_shape, rules, kv in spec["layouts"]:
-        for b in spec["batches"] or (batch,):
+        fitted = False
+        for b in batches or spec["batches"] or (batch,):
             if b > batch:
                 continue
             try:
@@ -249,7 +254,10 @@ def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, 
                 log(r.row())
             results.extend(res)
             if all(r.fits for r in res):
+                fitted = True
                 break
+        if fitted and not all_layouts:
+            break
     return results
 
 
@@ -287,7 +295,8 @@ def main(argv):
     if FLAGS.target:
         results = plan_target(cfg, FLAGS.target, batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens,
                               dtype=dtype, headroom=FLAGS.headroom, programs=FLAGS.programs, nodes=FLAGS.nodes,
-                              compile_dtype=compile_dtype)
+                              compile_dtype=compile_dtype, batches=[int(b) for b in FLAGS.batches] or None,
+                              all_layouts=FLAGS.all_layouts)
     else:
         sizes = tuple(int(study.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
         from cna_jax.sharding import resolve_mesh_shape
