@@ -136,7 +136,9 @@ def export(cfg: ModelConfig, params: dict, out_dir: str, tokenizer=None, dtype=n
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_config_dict(cfg)["eos_token_id"]}
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.chmod(weights, 0o644)  # save_file's temporary file is private; the other files are not
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     for name, obj in (extra_files or {}).items():

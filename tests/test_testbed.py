@@ -63,8 +63,9 @@ def test_train_prompts_come_from_the_train_split_only():
     harmful, harmless = testbed._prompt_sets(recipe)
     ev_harmful, ev_harmless = testbed.eval_prompts(recipe)
     assert not set(harmful) & set(ev_harmful) and not set(harmless) & set(ev_harmless)
-    assert len(harmful) + len(ev_harmful) == len(set(data.builtin("harmful")))
-    assert ev_harmful == list(data.split(data.builtin("harmful"), 0.3, 0)[1])
+    train_harmful, ev = data.split(data.builtin("harmful"), 0.3, 0)
+    assert harmful == list(train_harmful)[:recipe.n_train] and len(harmful) == 192
+    assert ev_harmful == list(ev)
 
 
 def test_examples_and_loss_mask_cover_response_tokens_only(tiny_lm):
