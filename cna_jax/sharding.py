@@ -371,15 +371,6 @@ class ShardedFunction:
         return self.jitted.lower(*args, *self.static.values())
 
 
-def _check_batch(layout: Layout, batch: int | None, what: str):
-    if batch is None:
-        return
-    n = layout.batch_size_multiple()
-    if batch % n:
-        raise ShardingError(f"{what}: batch={batch} is not divisible by the batch axes "
-                            f"({_fmt_axes(layout.mesh, layout.rules_dict.get('batch'))} = {n})")
-
-
 def sharded_forward(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
     """``(params, tokens [B,T], valid [B,T], neuron_mult [L,I] | None) -> logits [B,T,V]`` on the mesh."""
     from cna_jax.models import forward_fn

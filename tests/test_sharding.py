@@ -109,6 +109,12 @@ def test_mesh_resolution_and_readable_errors(tiny):
     with pytest.raises(S.ShardingError, match="at most one axis may be -1"):
         S.make_mesh((-1, 1, -1))
 
+    import ml_collections
+
+    lay = S.layout_from_config(cfg, ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=4, rules="collection")),
+                               batch=8)
+    assert dict(lay.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4} and lay.preset == "collection"
+
     mesh = S.make_mesh((1, 1, 8))
     # KV heads (4) on tensor=8: the error names both ways out.
     with pytest.raises(S.ShardingError, match=r"num_key_value_heads=4 .* kv_heads='replicate' .* kv_heads='batch'"):
