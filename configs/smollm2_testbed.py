@@ -9,7 +9,9 @@ from cna_jax.config import study_config  # the schema configs/common.py re-expor
 # HF shape numbers of SmolLM2-135M(-Instruct) (its config.json; the testbed keeps them unchanged).
 SHAPE = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-05, rope_theta=100000.0,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    rms_norm_eps=9.999999747378752e-06,  # 1e-5 as the GGUF file stores it (float32); both sides carry it
+    rope_theta=100000.0,
     rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=8192,
 )
 
