@@ -3,6 +3,8 @@ same model fine-tuned here to refuse harmful prompts (``cna_jax.testbed``, built
 docs/TESTBED.md). Not a model of the paper: a small offline pair with a real refusal behaviour to find.
 
 Study settings are sized for a 2-core CPU (the whole study in <= 30 minutes); to be tuned by the lead.
+Keep data.eval_fraction=0.3 and data.seed=0 (the testbed Recipe's split): the testbed was trained on that
+split's train part, so another split would put training prompts into the study's held-out set.
 """
 from cna_jax.config import study_config  # the schema configs/common.py re-exports
 
@@ -19,12 +21,15 @@ SHAPE = dict(
 def get_config():
     c = study_config(name="SmolLM2-135M testbed", base="smollm2", instruct="testbed", shape=SHAPE,
                      dtype="float32")
-    # CPU-sized: short generations, a modest held-out set, fewer resamples and nulls.
-    c.data.n_eval = 48  # held-out harmful prompts generated per condition
+    # CPU-sized (an estimate, not yet a measured study run): on the shared 2-core machine one batch of 32
+    # prompts x 64 greedy tokens took ~44 s (docs/TESTBED.md), so 4 conditions + 12 nulls of 32 held-out
+    # harmful prompts are ~12 min, beside ~11 min for the first-use testbed build and a few minutes of
+    # collection and graph fitting.
+    c.data.n_eval = 32  # held-out harmful prompts generated per condition
     c.generation.max_new_tokens = 64
-    c.generation.batch_size = 48
+    c.generation.batch_size = 32
     c.collect.batch_size = 32
     c.graph.n_resamples = 10
-    c.nulls.n_layer_matched = 10
-    c.nulls.n_uniform = 10
+    c.nulls.n_layer_matched = 6
+    c.nulls.n_uniform = 6
     return c
