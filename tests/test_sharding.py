@@ -197,3 +197,21 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
         np.testing.assert_array_equal(np.asarray(getattr(res, name)), np.asarray(getattr(ref, name)), err_msg=name)
     # Each device solved its own block of nodes: the coefficients come back split over all 8.
     assert len({s.device for s in res.coef.addressable_shards}) == 8 or shape == (8, 1, 1)
+
+
+def test_distributed_helpers_single_process():
+    from cna_jax import distributed
+
+    assert distributed.is_writer() and distributed.process_rows(8) == slice(0, 8)
+    assert distributed.initialize_from_config({"distributed": False}) is False
+    layout = S.make_layout(
+        from_hf_dict({**_hf_tiny(), "num_attention_heads": 8, "num_key_value_heads": 8}), S.make_mesh((2, 1, 4)))
+    local = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+    arr = distributed.global_batch(local, layout.batch(2))
+    assert arr.sharding == layout.batch(2)
+    np.testing.assert_array_equal(np.asarray(arr), local)
+
+
+def _hf_tiny():
+    return dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
