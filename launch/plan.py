@@ -300,8 +300,11 @@ def main(argv):
     else:
         sizes = tuple(int(study.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
         from cna_jax.sharding import resolve_mesh_shape
-        sizes = resolve_mesh_shape(sizes, len(_devices(1)) if -1 in sizes else math.prod(sizes))
-        results = plan(cfg, sizes, study.mesh.get("rules", "generation"), kv_heads=FLAGS.kv_heads or None,
+        if -1 in sizes:
+            import jax
+            sizes = resolve_mesh_shape(sizes, len(jax.devices()))
+        results = plan(cfg, sizes, study.mesh.get("rules", "generation"),
+                       kv_heads=FLAGS.kv_heads or study.mesh.get("kv_heads", None) or None,
                        batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens, dtype=dtype,
                        device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
                        programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype)
