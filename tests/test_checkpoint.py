@@ -54,3 +54,13 @@ def test_restore_casts_and_reports_missing(converted, tmp_path):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jax.tree.leaves(params)[0].astype(jnp.bfloat16)))
     with pytest.raises(FileNotFoundError, match="not a cna_jax Orbax checkpoint"):
         checkpoint.restore(str(tmp_path))
+
+
+def test_convert_once_from_sharded_load(converted, tmp_path):
+    """Loading straight into a mesh (no whole copy on one device) and saving from there."""
+    path, _, cfg, params = converted
+    layout = S.make_layout(cfg, S.make_mesh((1, 1, 8)), "generation")
+    out = checkpoint.convert_once(path, str(tmp_path / "sharded"), dtype=jnp.float32, layout=layout)
+    _, restored = checkpoint.restore(out)  # onto one device: every slice was written
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
