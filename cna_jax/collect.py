@@ -154,11 +154,12 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     sumsq = np.zeros_like(sums)
     count = 0
     rows, row_prompt = [], []
-    for batch_rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc):
+    run = collect_batch if lm.layout is None else lm.sharded("collect")
+    static = {"cfg": cfg, "dtype": lm.dtype} if lm.layout is None else {}
+    for batch_rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple()):
         select, sel_valid = _select_positions(valid, position, last_k)
         sel_valid[len(batch_rows):] = False  # filler rows repeat a real prompt; they must not count
-        s, sq, acts = collect_batch(lm.params, tokens, valid, select, sel_valid, mult, node_index,
-                                    cfg=cfg, dtype=lm.dtype)
+        s, sq, acts = run(lm.params, tokens, valid, select, sel_valid, mult, node_index, **static)
         sums += np.asarray(s, np.float64)
         sumsq += np.asarray(sq, np.float64)
         count += int(sel_valid.sum())

@@ -17,7 +17,9 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
 
     c = ml_collections.ConfigDict()
     c.name = name
-    c.model = ml_collections.ConfigDict(dict(base=base, instruct=instruct, dtype=dtype, shape=shape))
+    # base_chat: format base-side prompts with the chat template too (a base that is itself a chat model).
+    c.model = ml_collections.ConfigDict(dict(base=base, instruct=instruct, dtype=dtype, shape=shape,
+                                             base_chat=False))
     c.data = ml_collections.ConfigDict(dict(
         harmful="builtin:harmful", harmless="builtin:harmless",  # a file, a known set name or a hub id
         eval_fraction=0.3, seed=0,
@@ -37,7 +39,8 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
         max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True))
     c.nulls = ml_collections.ConfigDict(dict(n_layer_matched=30, n_uniform=30, seed=0))
     c.collect = ml_collections.ConfigDict(dict(batch_size=32))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="generation"))
+    # devices: -1 = all (a mesh over more than one device shards loading, generation and collection).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="generation", devices=-1))
     c.distributed = False  # call jax.distributed.initialize() first (multi-host pods)
     return c
 

@@ -100,9 +100,12 @@ def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = No
     mult = lm.multiplier_array(neuron_mult)
     texts: list[str] = [""] * len(prompts)
     toks: list[list[int]] = [[]] * len(prompts)
-    for rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc):
-        out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
-                                   max_new_tokens=max_new_tokens)
+    for rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple()):
+        if lm.layout is None:
+            out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
+                                       max_new_tokens=max_new_tokens)
+        else:
+            out, num = lm.sharded("generate", max_new_tokens=max_new_tokens)(lm.params, tokens, valid, mult, eos)
         out, num = np.asarray(out), np.asarray(num)
         for j, r in enumerate(rows):
             toks[r] = out[j, :num[j]].tolist()

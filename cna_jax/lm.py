@@ -58,12 +58,41 @@ class LM:
     chat: bool = True  # instruct models use the chat template; base models get raw text
     dtype: object = jnp.float32
     name: str = ""
+    layout: object = None  # a cna_jax.sharding.Layout: params live on its mesh; jitted calls are sharded
+    _sharded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, source: str, dtype=jnp.float32, chat: bool = True, shardings=None, progress: bool = False):
+    def load(cls, source: str, dtype=jnp.float32, chat: bool = True, mesh_config=None, progress: bool = False):
+        """Loads a model; with ``mesh_config`` (a config ``mesh`` section) over more than one device, each
+        device receives only its slice of every tensor and generation / collection run sharded."""
+        import jax
+
         src = resolve_alias(source)
-        cfg, params = convert.load(src, dtype=dtype, shardings=shardings, progress=progress)
-        return cls(cfg, params, load_tokenizer(src), chat=chat, dtype=dtype, name=source)
+        cfg, reader = convert.open_checkpoint(src)
+        layout = shardings = None
+        n = -1 if mesh_config is None else int(mesh_config.get("devices", -1))
+        devices = jax.devices() if n == -1 else jax.devices()[:n]
+        if mesh_config is not None and len(devices) > 1:
+            from cna_jax import sharding
+
+            layout = sharding.layout_from_config(cfg, mesh_config, devices=devices)
+            shardings = layout.params(cfg, dtype)
+        params = convert.load_params(reader, cfg, dtype, shardings=shardings, progress=progress)
+        return cls(cfg, params, load_tokenizer(src), chat=chat, dtype=dtype, name=source, layout=layout)
+
+    def sharded(self, kind: str, **static):
+        """The sharded jitted function ``kind`` ("generate" | "collect") on this model's layout, cached."""
+        from cna_jax import sharding
+
+        key = (kind, tuple(sorted(static.items())))
+        if key not in self._sharded:
+            make = {"generate": sharding.sharded_generate, "collect": sharding.sharded_collect}[kind]
+            self._sharded[key] = make(self.cfg, self.layout, self.dtype, **static)
+        return self._sharded[key]
+
+    def batch_multiple(self) -> int:
+        """Batches must be a multiple of this (the devices sharing the batch axis)."""
+        return 1 if self.layout is None else self.layout.batch_size_multiple()
 
     def format(self, prompt: str) -> str:
         """The text fed to the model: one user message with the generation prompt, or the raw prompt."""
@@ -102,9 +131,11 @@ class LM:
         return self.eos_ids()[0] if self.eos_ids() else 0
 
     def multiplier_array(self, neuron_mult):
-        """The neuron multiplier as a float32 device array (None stays None), shape-checked."""
+        """The neuron multiplier as a float32 device array (None stays None unsharded), shape-checked."""
         if neuron_mult is None:
-            return None
+            if self.layout is None:
+                return None
+            neuron_mult = np.ones((self.cfg.num_hidden_layers, self.cfg.intermediate_size), np.float32)
         mult = jnp.asarray(neuron_mult, jnp.float32)
         want = (self.cfg.num_hidden_layers, self.cfg.intermediate_size)
         if mult.shape != want:
@@ -144,11 +175,12 @@ def bucket(n: int, multiple: int = 32) -> int:
 
 
 def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress: bool = False,
-                   desc: str = ""):
+                   desc: str = "", multiple: int = 1):
     """Yields (row indices, tokens [B, T], valid [B, T]) over token lists sorted by length (less padding).
 
-    Every batch has ``min(batch_size, len(ids))`` rows (fillers repeat a real row) and a bucketed
-    length, so a jitted consumer compiles for few shapes."""
+    Every batch has ``min(batch_size, len(ids))`` rows rounded up to ``multiple`` (fillers repeat a
+    real row) and a bucketed length, so a jitted consumer compiles for few shapes."""
+    batch_size = -(-batch_size // multiple) * multiple
     order = np.argsort([len(x) for x in ids], kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
@@ -156,5 +188,6 @@ def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, p
         batches = tqdm(batches, desc=desc, unit="batch")
     for rows in batches:
         seqs = [ids[r] for r in rows]
-        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), pad_id, batch=min(batch_size, len(order)))
+        rows_out = -(-min(batch_size, len(order)) // multiple) * multiple
+        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), pad_id, batch=rows_out)
         yield rows, tokens, valid

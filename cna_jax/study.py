@@ -28,6 +28,7 @@ from cna_jax import graph as graph_lib
 from cna_jax.collect import collect
 from cna_jax.generate import generate
 from cna_jax.lm import LM
+from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import NeuronSet
 from cna_jax.refusal import refusal_report
 from cna_jax.store import Stage, config_hash
@@ -36,7 +37,8 @@ log = logging.getLogger("cna_jax.study")
 
 # Parts of the config that define *which* study a workdir holds; other fields may change between runs
 # (changed stages are recomputed under a new key).
-_IDENTITY = ("name", "model.base", "model.instruct", "data")
+_IDENTITY = ("name", "model.base", "model.instruct", "data.harmful", "data.harmless", "data.eval_fraction",
+             "data.seed")
 GRAPHS = {"contrast_instruct": ("instruct", "contrast"), "harmful_instruct": ("instruct", "harmful_only"),
           "contrast_base": ("base", "contrast")}
 
@@ -135,11 +137,12 @@ class Study:
     def lm(self, side: str) -> LM:
         if side not in self._lms:
             m = self.c.model
-            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=(side == "instruct"), progress=self.progress)
-            expected = config_lib_shape(self.c)
-            got = dataclasses.replace(lm.cfg, bos_token_id=None, eos_token_ids=(), max_position_embeddings=0)
-            if got != expected:
-                raise ValueError(f"{m[side]} does not match config.model.shape:\n  checkpoint {got}\n  config     {expected}")
+            chat = side == "instruct" or bool(m.base_chat)
+            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=chat, mesh_config=self.c.mesh,
+                         progress=self.progress)
+            diff = lm.cfg.shape_mismatches(from_hf_dict(m.shape.to_dict()))
+            if diff:
+                raise ValueError(f"{m[side]} does not match config.model.shape: {'; '.join(diff)}")
             self._lms[side] = lm
         return self._lms[side]
 
@@ -158,8 +161,9 @@ class Study:
 
     # -- stages ---------------------------------------------------------------------------------------
     def _key_cna(self):
-        c = self.c
-        return (c.model.instruct, c.model.dtype, c.data, c.cna)
+        c, d = self.c, self.c.data
+        train_data = (d.harmful, d.harmless, d.eval_fraction, d.seed, d.n_pairs)  # not n_eval
+        return (c.model.instruct, c.model.dtype, c.model.base_chat, train_data, c.cna)
 
     def stage_cna(self) -> NeuronSet:
         c = self.c
@@ -293,14 +297,6 @@ class Study:
 
         report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)
         return results
-
-
-def config_lib_shape(c):
-    """The ModelConfig the config's shape numbers describe (without tokenizer-specific fields)."""
-    from cna_jax.models.config import from_hf_dict
-
-    return dataclasses.replace(from_hf_dict(c.model.shape.to_dict()), bos_token_id=None, eos_token_ids=(),
-                               max_position_embeddings=0)
 
 
 def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:

@@ -12,7 +12,7 @@ from cna_jax.config import study_config  # the schema configs/common.py re-expor
 SHAPE = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-    rms_norm_eps=9.999999747378752e-06,  # 1e-5 as the GGUF file stores it (float32); both sides carry it
+    rms_norm_eps=1e-05,
     rope_theta=100000.0,
     rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=8192,
 )
@@ -21,15 +21,14 @@ SHAPE = dict(
 def get_config():
     c = study_config(name="SmolLM2-135M testbed", base="smollm2", instruct="testbed", shape=SHAPE,
                      dtype="float32")
-    # CPU-sized (an estimate, not yet a measured study run): on the shared 2-core machine one batch of 32
-    # prompts x 64 greedy tokens took ~44 s (docs/TESTBED.md), so 4 conditions + 12 nulls of 32 held-out
-    # harmful prompts are ~12 min, beside ~11 min for the first-use testbed build and a few minutes of
-    # collection and graph fitting.
-    c.data.n_eval = 32  # held-out harmful prompts generated per condition
-    c.generation.max_new_tokens = 64
-    c.generation.batch_size = 32
-    c.collect.batch_size = 32
-    c.graph.n_resamples = 10
-    c.nulls.n_layer_matched = 6
-    c.nulls.n_uniform = 6
+    c.model.base_chat = True  # the "base" is itself a chat model: both sides get the chat template
+    # Sized for a 2-core CPU (S1: the whole study <= 30 min, testbed build included): the method's 30
+    # resamples; 20 + 20 nulls (the method's 30 + 30 with --config.nulls.n_layer_matched=30 etc.) on 48
+    # held-out harmful prompts with 32 new tokens (a refusal shows in its first sentence).
+    c.data.n_eval = 48
+    c.generation.max_new_tokens = 32
+    c.generation.batch_size = 48
+    c.collect.batch_size = 64
+    c.nulls.n_layer_matched = 20
+    c.nulls.n_uniform = 20
     return c

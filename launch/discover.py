@@ -23,7 +23,8 @@ def main(argv):
     del argv
     F = flags.FLAGS
     c = F.config
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("cna_jax").setLevel(logging.INFO)  # stage lines; library chatter (orbax) stays quiet
     import jax.numpy as jnp
     import numpy as np
 

@@ -40,7 +40,8 @@ def load_config(path: str, overrides):
 def main(argv):
     del argv
     F = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("cna_jax").setLevel(logging.INFO)  # stage lines; library chatter (orbax) stays quiet
     from cna_jax import config as config_lib
     from cna_jax.report import write_combined
     from cna_jax.study import Study

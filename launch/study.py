@@ -25,7 +25,8 @@ def main(argv):
     if c.get("distributed", False):
         from cna_jax.distributed import initialize
         initialize()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("cna_jax").setLevel(logging.INFO)  # stage lines; library chatter (orbax) stays quiet
     from cna_jax.study import Study
 
     t = time.time()

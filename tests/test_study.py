@@ -41,6 +41,7 @@ def tiny_config(pair):
     c.nulls.n_layer_matched = 3
     c.nulls.n_uniform = 3
     c.graph.n_resamples = 4
+    c.mesh.devices = 1  # single device here; test_sharded_study_equals_single_device uses the 8 simulated
     return c
 
 
@@ -167,3 +168,18 @@ def test_null_subsets_layer_matched_and_disjoint():
     assert all(o for _, o in null_subsets(pool, big, 3, "uniform", seed=0))
     assert [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)] == \
         [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)]
+
+
+def test_sharded_study_equals_single_device(tiny_pair, tmp_path):
+    """The stages that touch the model (CNA, activations, refusal) on a (4, 1, 2) mesh of the 8 simulated
+    devices give the single-device results."""
+    c = tiny_config(tiny_pair)
+    c.nulls.n_layer_matched = c.nulls.n_uniform = 1
+    single = Study(c, str(tmp_path / "one"), progress=False).run()
+    c.mesh.devices, c.mesh.data, c.mesh.tensor = -1, 4, 2
+    study = Study(c, str(tmp_path / "mesh"), progress=False)
+    sharded = study.run()
+    assert study.lm("instruct").layout is not None
+    assert len(study.lm("instruct").params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
+    for key in ("cna_neurons", "graph_neurons", "refusal", "edges"):
+        assert _numbers(sharded)[key] == _numbers(single)[key], key

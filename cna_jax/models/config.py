@@ -90,6 +90,19 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def shape_mismatches(self, other: "ModelConfig") -> list[str]:
+        """Fields that differ in what the forward pass computes (floats compared to 1e-6 relative:
+        GGUF stores eps as float32; token ids and the context limit are not shapes)."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.name in ("bos_token_id", "eos_token_ids", "max_position_embeddings"):
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+            if not same:
+                out.append(f"{f.name}: {a!r} != {b!r}")
+        return out
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         d = dict(d)
