@@ -40,7 +40,8 @@ from cna_jax import lasso  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer runs; L3 on a few resamples, extrapolated.")
 _SKIP_L3 = flags.DEFINE_bool("skip_l3", False, "Skip the full stability run.")
-_FULL = flags.DEFINE_bool("full", False, "Also benchmark the no-prescreen (all p-1 predictors) problem.")
+_FULL = flags.DEFINE_bool(
+    "full", False, "Also benchmark the no-prescreen (all p-1 predictors) problem (slow: can take > 10 min).")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs (median) after warm-up.")
 _SK_NODES = flags.DEFINE_integer("sk_nodes", 0, "Nodes for the sklearn anchor (0 = all for 'pre' rows).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to update.")
