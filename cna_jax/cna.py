@@ -78,11 +78,18 @@ NEUTRAL_PROMPTS = (
 def discover(lm: LM, harmful: Sequence[str], harmless: Sequence[str], k: int = -1, fraction: float = 0.001,
              exclude_layers: Iterable[int] = (0, 1), positive_only: bool = False, drop_universal: bool = False,
              position: str = "last", last_k: int = 1, batch_size: int = 32, cache_dir: str | None = None,
-             progress: bool = True) -> tuple[NeuronSet, np.ndarray]:
-    """Collects both prompt sets and returns (the CNA neuron set, delta [L, I])."""
+             progress: bool = True, dense_bytes: int = 1 << 30) -> tuple[NeuronSet, np.ndarray]:
+    """Collects both prompt sets and returns (the CNA neuron set, delta [L, I]).
+
+    With a cache_dir and small enough sets (rows x all neurons x 4 bytes <= dense_bytes per set), every
+    neuron's per-prompt activation is kept in the cache, so a later ``collect`` of any neuron subset of
+    the same prompts is a column slice instead of another pass through the model."""
     if not harmful or not harmless:
         raise ValueError("CNA needs non-empty harmful and harmless prompt sets")
-    kw = dict(position=position, last_k=last_k, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+    dense = cache_dir is not None and position == "last" and \
+        max(len(harmful), len(harmless)) * lm.cfg.num_neurons * 4 <= dense_bytes
+    kw = dict(position=position, last_k=last_k, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+              nodes="all" if dense else None)
     mean_h = collect(lm, harmful, desc="collecting harmful", **kw).mean
     mean_b = collect(lm, harmless, desc="collecting harmless", **kw).mean
     delta = mean_h - mean_b

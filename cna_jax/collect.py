@@ -102,9 +102,19 @@ def _select_positions(valid: np.ndarray, position: str, last_k: int):
     raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
 
 
+def all_nodes(cfg: ModelConfig) -> np.ndarray:
+    """[L * I, 2] every (layer, index) pair, in flat order."""
+    flat = np.arange(cfg.num_neurons)
+    return np.stack(np.divmod(flat, cfg.intermediate_size), 1).astype(np.int64)
+
+
 def _nodes_array(nodes, cfg: ModelConfig) -> np.ndarray:
     if nodes is None:
         return np.zeros((0, 2), np.int64)
+    if isinstance(nodes, str):
+        if nodes != "all":
+            raise ValueError(f"nodes must be None, 'all', a NeuronSet or [N, 2] pairs, got {nodes!r}")
+        return all_nodes(cfg)
     arr = np.asarray(nodes.pairs() if hasattr(nodes, "pairs") else nodes, np.int64).reshape(-1, 2)
     if len(arr) and (arr[:, 0].max() >= cfg.num_hidden_layers or arr[:, 1].max() >= cfg.intermediate_size
                      or arr.min() < 0):
@@ -130,7 +140,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
             progress: bool = True, desc: str = "collecting") -> Activations:
     """Collects neuron statistics over ``prompts`` (formatted as ``lm`` formats them).
 
-    nodes: None, a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
+    nodes: None, "all", a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
     cache_dir: when given, a result for the same inputs is reused (and new results are saved there).
     """
     prompts = list(prompts)
@@ -144,6 +154,13 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     path = None if cache_dir is None else os.path.join(cache_dir, f"activations-{key}.npz")
     if path is not None and os.path.exists(path):
         return Activations.load(path)
+    if cache_dir is not None:  # a cached all-neuron collection of the same inputs holds every column
+        dense = os.path.join(cache_dir, f"activations-{cache_key(lm, prompts, position, last_k, all_nodes(cfg), neuron_mult)}.npz")
+        if os.path.exists(dense):
+            full = Activations.load(dense)
+            cols = node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1]
+            return dataclasses.replace(full, nodes=node_arr, node_acts=full.node_acts[:, cols],
+                                       meta={**full.meta, "key": key, "sliced_from": full.meta["key"]})
 
     ids = lm.encode(prompts)
     if position == "last_k" and min(map(len, ids)) < last_k:

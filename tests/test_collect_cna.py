@@ -174,3 +174,15 @@ def test_discover_launch_script_end_to_end(tmp_path):
     ns = NeuronSet.load(str(out / "neuron_set.json"))
     assert len(ns) == 47 and ns.layer_counts()[:2].sum() == 0
     assert "47 neurons" in (out / "report.md").read_text()
+
+
+def test_subset_collect_is_sliced_from_cached_all_neuron_collection(smollm2_lm, tmp_path):
+    prompts = ["Name a colour.", "What is two plus two?", "Tell me a joke about cats."]
+    full = collect(smollm2_lm, prompts, nodes="all", cache_dir=str(tmp_path), progress=False)
+    assert full.node_acts.shape == (3, 30 * 1536)
+    nodes = np.array([[3, 7], [29, 1500]])
+    sliced = collect(smollm2_lm, prompts, nodes=nodes, cache_dir=str(tmp_path), progress=False)
+    assert sliced.meta.get("sliced_from") == full.meta["key"]
+    direct = collect(smollm2_lm, prompts, nodes=nodes, progress=False)  # no cache: a real pass
+    np.testing.assert_allclose(sliced.node_acts, direct.node_acts, atol=1e-5)
+    np.testing.assert_allclose(sliced.mean, direct.mean, atol=1e-5)
