@@ -33,7 +33,16 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _is_writer() -> bool:
+    """Only process 0 writes (multi-host runs share one workdir)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _atomic_write_json(path: str, obj: Any) -> None:
+    if not _is_writer():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
@@ -67,7 +76,7 @@ class Stage:
              seconds: float | None = None) -> None:
         """Writes the arrays (Orbax), the metadata (JSON), then the completion marker."""
         os.makedirs(self.path, exist_ok=True)
-        if arrays:
+        if arrays:  # Orbax coordinates multi-process saves itself
             import orbax.checkpoint as ocp
 
             target = os.path.join(self.path, "arrays")
