@@ -83,14 +83,18 @@ def plot_graphs(path: str, adjacency: dict, pool, num_layers: int, title: str) -
         adj = np.asarray(adjacency[kind], bool)
         iu = np.argwhere(np.triu(adj, 1))
         for a, b in iu:
-            ax.plot([layers[a], layers[b]], [y[a], y[b]], color="0.55", lw=0.6, alpha=0.7, zorder=1)
+            # Edges within one layer are drawn as arcs so they don't vanish into the layer's column.
+            rad = 0.0 if layers[a] != layers[b] else 0.5
+            ax.annotate("", xy=(layers[a], y[a]), xytext=(layers[b], y[b]), zorder=1,
+                        arrowprops=dict(arrowstyle="-", color="0.45", lw=0.6, alpha=0.7,
+                                        connectionstyle=f"arc3,rad={rad}", shrinkA=0, shrinkB=0))
         deg = adj.sum(1)
         colors = np.where(pool.deltas > 0, "tab:red", "tab:blue")
         ax.scatter(layers, y, s=12 + 10 * deg, c=colors, edgecolors="k", linewidths=0.3, zorder=2)
         ax.set_title(f"{label}: {len(iu)} edges, {(deg > 0).sum()} connected of {len(pool)} CNA neurons")
         ax.set_yticks([])
     axes[-1].set_xlabel("layer")
-    axes[-1].set_xlim(-0.5, num_layers - 0.5)
+    axes[-1].set_xlim(-0.5, num_layers + 0.5)
     fig.suptitle(f"{title}: full-depth CNA graph (red: delta > 0, blue: delta < 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -182,7 +186,7 @@ detector. Graph subsets are the degree >= 1 nodes of the stability graphs (edge 
 
 {'![nulls](nulls.png)' if nulls else ''}
 
-### Stage times
+### Stage times (when each stage was computed; "this run" = the invocation that wrote this report)
 
 | stage | time |
 |---|---|

@@ -149,6 +149,8 @@ class Study:
     def _run_stage(self, name: str, key_parts: tuple, fn):
         stage = Stage(self.workdir, name, config_hash(*key_parts))
         if stage.done:
+            with open(os.path.join(stage.path, "done.json")) as f:
+                self.timings[name] = json.load(f).get("seconds") or 0.0  # when it was computed
             log.info("stage %s: reused (%s)", name, stage.path)
             return stage
         self.on_stage(name)
@@ -292,7 +294,7 @@ class Study:
         refusal = self.stage_refusal(conditions, refusal_key)
         nulls = self.stage_nulls(pool, subsets["contrast_instruct"], (refusal_key, c.nulls))
         results = summarize(c, pool, graphs, subsets, refusal, nulls)
-        results["timings"] = {**self.timings, "total": time.time() - t0}
+        results["timings"] = {**self.timings, "this run": time.time() - t0}
         from cna_jax import report
 
         report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)

@@ -15,24 +15,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+from timing import interleaved  # noqa: E402  (launch/timing.py)
 
 flags.DEFINE_integer("batch", 32, "Prompts per batch.")
 flags.DEFINE_integer("batches", 4, "Batches per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per side (median reported).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv):
@@ -100,9 +91,7 @@ def main(argv):
     for (s, _, a), (rs, _, ra) in zip(mine, ref):  # the gate
         np.testing.assert_allclose(np.asarray(s), rs.numpy(), atol=1e-3, rtol=1e-4)
         np.testing.assert_allclose(np.asarray(a)[:, 0], ra.numpy(), atol=1e-4)
-    t_ours = _median_time(ours, F.repeats)
-    t_plain = _median_time(plain, F.repeats)
-    t_hf = _median_time(hooked, F.repeats)
+    t_ours, t_plain, t_hf = interleaved([ours, plain, hooked], F.repeats)
     tokens = sum(int(v.sum()) for _, v in batches)
     flops = 2 * cfg.num_params() * F.batch * length * len(batches)  # padded tokens are computed too
     res = {"batch": F.batch, "batches": len(batches), "padded_length": length, "real_tokens": tokens,

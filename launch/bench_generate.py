@@ -14,10 +14,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+from timing import interleaved  # noqa: E402  (launch/timing.py)
 
 flags.DEFINE_string("batches", "32,1", "Batch sizes to measure (G1 = 32, G2 = 1).")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per prompt.")
@@ -34,15 +34,6 @@ PROMPTS = [
     "Explain what a black hole is.", "Suggest a weekend itinerary for Rome.", "What is machine learning?",
     "Write a poem about the moon.", "How do plants drink water?",
 ]
-
-
-def _timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def main(argv):
@@ -105,9 +96,8 @@ def main(argv):
                 raise SystemExit(f"correctness gate failed at batch {b}, row {r}")
         new_tokens = int(num.sum())
         ours(None)  # warm the unmasked program too
-        t_masked, _ = _timed(lambda: ours(mult), F.repeats)
-        t_plain, _ = _timed(lambda: ours(None), F.repeats)
-        t_hf, _ = _timed(lambda: theirs(hf_masked), F.repeats)
+        t_masked, t_plain, t_hf = interleaved([lambda: ours(mult), lambda: ours(None), lambda: theirs(hf_masked)],
+                                               F.repeats)
         steps = int(num.max())
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
         row = {"batch": b, "new_tokens_total": new_tokens, "steps": steps, "compile_s": compile_s,
