@@ -35,7 +35,7 @@ def main(argv):
     report = os.path.join(F.workdir, "report", "report.md")
     print(open(report).read())
     print(f"study finished in {time.time() - t:.0f}s; report: {report}")
-    return results
+
 
 
 if __name__ == "__main__":

@@ -30,3 +30,10 @@ def outputs(nb) -> str:
 def test_walkthrough_notebook_runs():
     text = outputs(run_notebook("walkthrough.ipynb"))
     assert "47 neurons" in text and "graph-connected subset" in text and "refusal" in text
+
+
+def test_report_notebook_on_the_committed_example(tmp_path):
+    """The committed docs/example report stays readable by the current code."""
+    nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": os.path.join(ROOT, "docs", "example"), "TMPDIR": str(tmp_path)})
+    assert "SmolLM2-135M testbed" in outputs(nb)
+    assert os.path.getsize(tmp_path / "cna_redraw" / "nulls.png") > 5000
