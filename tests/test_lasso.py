@@ -134,6 +134,26 @@ def test_vmap_over_resamples_equals_separate_runs():
         np.testing.assert_allclose(batched.coef[s], one.coef, atol=1e-4)
 
 
+def test_node_order_and_chunking_do_not_change_answers():
+    """Nodes are regrouped into chunks (by sum |S|) inside the solver and put back: any node order
+    and chunk size (with padding) gives every node its own path."""
+    n, p = 200, 13
+    x = _standardised(n, p, 3, rho=0.7)
+    cand = _full_candidates(p)
+    with jax.enable_x64(True):
+        g = jnp.asarray(x.T @ x / n)
+        sub, xty, yty = lasso.gather_candidates(g, jnp.asarray(cand), jnp.ones(cand.shape, bool), jnp.arange(p))
+        grid = lasso.lambda_grid(jnp.max(jnp.abs(xty), axis=1), 12, 0.01)
+        m = jnp.ones(cand.shape, bool)
+        ref = lasso.lasso_path_candidates(sub, xty, yty, m, grid, 1e-12, max_iter=20000, chunk=1).coef
+        perm = np.random.default_rng(0).permutation(p)
+        for chunk in (4, 32):
+            out = lasso.lasso_path_candidates(sub[perm], xty[perm], yty[perm], m[perm], grid[perm], 1e-12,
+                                              max_iter=20000, chunk=chunk)
+            np.testing.assert_allclose(np.asarray(out.coef), np.asarray(ref)[:, perm], atol=1e-8)
+            assert np.all(np.asarray(out.gap) <= 1e-12)
+
+
 def test_masked_candidates_and_empty_nodes_stay_zero_without_nan():
     p, k = 6, 3
     x = _standardised(100, p, 5).astype(np.float32)
