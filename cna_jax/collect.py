@@ -176,11 +176,13 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     for batch_rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple()):
         select, sel_valid = _select_positions(valid, position, last_k)
         sel_valid[len(batch_rows):] = False  # filler rows repeat a real prompt; they must not count
-        s, sq, acts = run(lm.params, tokens, valid, select, sel_valid, mult, node_index, **static)
-        sums += np.asarray(s, np.float64)
-        sumsq += np.asarray(sq, np.float64)
+        batch = (tokens, valid, select, sel_valid)
+        s, sq, acts = run(lm.params, *(batch if lm.layout is None else lm.global_batch(*batch)), mult, node_index,
+                          **static)
+        sums += lm.to_host(s).astype(np.float64)
+        sumsq += lm.to_host(sq).astype(np.float64)
         count += int(sel_valid.sum())
-        acts = np.asarray(acts)
+        acts = lm.to_host(acts)
         for j, r in enumerate(batch_rows):
             keep = sel_valid[j]
             rows.append(acts[j][keep])

@@ -105,8 +105,9 @@ def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = No
             out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
                                        max_new_tokens=max_new_tokens)
         else:
-            out, num = lm.sharded("generate", max_new_tokens=max_new_tokens)(lm.params, tokens, valid, mult, eos)
-        out, num = np.asarray(out), np.asarray(num)
+            out, num = lm.sharded("generate", max_new_tokens=max_new_tokens)(
+                lm.params, *lm.global_batch(tokens, valid), mult, eos)
+        out, num = lm.to_host(out), lm.to_host(num)
         for j, r in enumerate(rows):
             toks[r] = out[j, :num[j]].tolist()
             texts[r] = lm.decode(toks[r])

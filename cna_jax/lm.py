@@ -90,6 +90,24 @@ class LM:
             self._sharded[key] = make(self.cfg, self.layout, self.dtype, **static)
         return self._sharded[key]
 
+    def global_batch(self, *arrays):
+        """Host batch arrays -> global arrays sharded on the batch axis. Every process holds the same
+        full batch (prompts are deterministic), and each builds only its addressable shards from it."""
+        import jax
+
+        return tuple(jax.make_array_from_callback(a.shape, self.layout.batch(a.ndim), lambda idx, a=a: a[idx])
+                     for a in arrays)
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        """A (possibly multi-host) jax array as one numpy array on every process."""
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
     def batch_multiple(self) -> int:
         """Batches must be a multiple of this (the devices sharing the batch axis)."""
         return 1 if self.layout is None else self.layout.batch_size_multiple()
