@@ -75,3 +75,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("generation.max_new_tokens, generation.batch_size and collect.batch_size must be >= 1")
     if c.nulls.n_layer_matched < 0 or c.nulls.n_uniform < 0:
         raise ValueError("nulls.n_layer_matched and nulls.n_uniform must be >= 0")
+
+
+def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, with dotted ``key=value`` overrides (values parsed as JSON when
+    they parse, else kept as strings); an unknown key raises."""
+    import importlib.util
+    import json
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        target = c
+        for p in parents:
+            target = target[p]
+        if leaf not in target:
+            raise ValueError(f"unknown config field {key!r} in override {item!r}")
+        try:
+            target[leaf] = json.loads(value)
+        except json.JSONDecodeError:
+            target[leaf] = value
+    return c

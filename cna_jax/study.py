@@ -338,3 +338,14 @@ def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:
         "detector": c.generation.detector,
         "null_items": [{k: x[k] for k in ("family", "i", "rate", "size", "overlap_allowed")} for x in nulls],
     }
+
+
+def run_many(configs, workdir: str, progress: bool = True) -> tuple[list[dict], str]:
+    """Runs (or resumes) the study for each ``(name, config)`` in ``<workdir>/<name>`` and writes one
+    combined report with a row per model to ``<workdir>/combined``. Every config is validated first."""
+    from cna_jax import report
+
+    for _, c in configs:
+        config_lib.validate(c)
+    results = [Study(c, os.path.join(workdir, name), progress=progress).run() for name, c in configs]
+    return results, report.write_combined(os.path.join(workdir, "combined"), results)

@@ -3,10 +3,9 @@
     python launch/multi_study.py --configs=configs/llama_3_2_1b.py,configs/qwen2_5_7b.py --workdir=workdir/all
 
 Each model gets its own resumable workdir (<workdir>/<config file stem>); --override applies dotted
-overrides to every config (e.g. --override=generation.batch_size=64).
+overrides to every config (e.g. --override=generation.batch_size=64). Every config is validated before
+any model is loaded.
 """
-import importlib.util
-import json
 import logging
 import os
 
@@ -18,42 +17,16 @@ flags.DEFINE_multi_string("override", [], "Dotted override applied to every conf
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
-def load_config(path: str, overrides):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        if leaf not in target:
-            raise ValueError(f"unknown config field {key!r} in override {item!r}")
-        target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(target[leaf], str) else value
-    return c
-
-
 def main(argv):
     del argv
     F = flags.FLAGS
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("cna_jax").setLevel(logging.INFO)  # stage lines; library chatter (orbax) stays quiet
-    from cna_jax import config as config_lib
-    from cna_jax.report import write_combined
-    from cna_jax.study import Study
+    from cna_jax.config import load_config_file
+    from cna_jax.study import run_many
 
-    configs = [load_config(p, F.override) for p in F.configs]
-    for c in configs:  # fail fast, before any model is loaded
-        config_lib.validate(c)
-    results = []
-    for path, c in zip(F.configs, configs):
-        workdir = os.path.join(F.workdir, os.path.basename(path)[:-3])
-        results.append(Study(c, workdir, progress=F.progress).run())
-    report = write_combined(os.path.join(F.workdir, "combined"), results)
+    configs = [(os.path.basename(p)[:-3], load_config_file(p, F.override)) for p in F.configs]
+    _, report = run_many(configs, F.workdir, progress=F.progress)
     print(open(report).read())
 
 

@@ -87,6 +87,13 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     again = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
     assert ran == [] and _numbers(again) == _numbers(full)
 
+    # The multi-model driver: a row per model in one combined report (both rows reuse this workdir).
+    from cna_jax.study import run_many
+    results, combined = run_many([("full", c), ("full", c)], str(tmp_path), progress=False)
+    text = open(combined).read()
+    assert [_numbers(r) for r in results] == [_numbers(full)] * 2
+    assert text.count("| tiny-pair |") == 2 + 2 + 2 + 4  # tables a, b, c: one row each; d: two per model
+
     # A run killed in the middle of the null evaluations resumes without redoing finished items.
     calls = []
     original = Study._generate_item
@@ -183,3 +190,15 @@ def test_sharded_study_equals_single_device(tiny_pair, tmp_path):
     assert len(study.lm("instruct").params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
     for key in ("cna_neurons", "graph_neurons", "refusal", "edges"):
         assert _numbers(sharded)[key] == _numbers(single)[key], key
+
+
+def test_load_config_file_overrides(tmp_path):
+    from cna_jax.config import load_config_file, validate
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config_file(os.path.join(root, "configs", "qwen2_5_7b.py"), ["nulls.n_uniform=5", "data.harmful=jbb"])
+    assert c.nulls.n_uniform == 5 and c.data.harmful == "jbb"
+    validate(c)
+    with pytest.raises(ValueError, match="unknown config field"):
+        load_config_file(os.path.join(root, "configs", "qwen2_5_7b.py"), ["nulls.n_unform=5"])
+    with pytest.raises(FileNotFoundError):
+        load_config_file(str(tmp_path / "nope.py"))
