@@ -8,17 +8,17 @@ collected activations equal the hook's within 1e-4.
     python launch/bench_collect.py --batch=32 --out=/tmp/bench_collect.json
 """
 import os
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved, pin_one_core  # noqa: E402  (launch/timing.py)
+
+pin_one_core()  # one core for both sides, before JAX / torch start (PERFORMANCE.md rules)
 
 import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from timing import interleaved  # noqa: E402  (launch/timing.py)
 
 flags.DEFINE_integer("batch", 32, "Prompts per batch.")
 flags.DEFINE_integer("batches", 4, "Batches per timed run.")
@@ -51,7 +51,8 @@ def main(argv):
     length = bucket(max(map(len, ids)))
     batches = [left_pad(ids[i:i + F.batch], length, lm.pad_id()) for i in range(0, len(ids), F.batch)]
     rng = np.random.default_rng(0)
-    node_index = jnp.asarray(rng.choice(cfg.num_neurons, 47, replace=False), jnp.int32)
+    node_np = rng.choice(cfg.num_neurons, 47, replace=False)
+    node_index = jnp.asarray(node_np, jnp.int32)
     last = np.full((F.batch, 1), length - 1, np.int32)
     sel_valid = np.ones((F.batch, 1), bool)
 
@@ -80,7 +81,7 @@ def main(argv):
             for h in hooks:
                 h.remove()
             acts = torch.stack(captured)  # [L, B, I]
-            out.append((acts.sum(1), (acts * acts).sum(1), acts.permute(1, 0, 2).reshape(len(t), -1)[:, node_index]))
+            out.append((acts.sum(1), (acts * acts).sum(1), acts.permute(1, 0, 2).reshape(len(t), -1)[:, node_np]))
         return out
 
     t0 = time.perf_counter()

@@ -6,18 +6,17 @@ the same down_proj columns zeroed). Then medians of --repeats timed runs after a
     python launch/bench_generate.py --batches=32,1 --new_tokens=64 --out=/tmp/bench_generate.json
 """
 import os
+import sys
 
-# One thread on both sides, set before JAX / torch start (PERFORMANCE.md rules).
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved, pin_one_core  # noqa: E402  (launch/timing.py)
+
+pin_one_core()  # one core for both sides, before JAX / torch start (PERFORMANCE.md rules)
 
 import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from timing import interleaved  # noqa: E402  (launch/timing.py)
 
 flags.DEFINE_string("batches", "32,1", "Batch sizes to measure (G1 = 32, G2 = 1).")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per prompt.")

@@ -19,6 +19,10 @@ import sys
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import pin_one_core  # noqa: E402  (launch/timing.py)
+
+pin_one_core()  # XLA:CPU keeps a second thread whatever the flags say; one core for both sides
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 ).strip()
