@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import interleaved, pin_one_core  # noqa: E402  (launch/timing.py)
+from benchlib import interleaved, pin_one_core, smollm2_both  # noqa: E402  (launch/benchlib.py)
 
 pin_one_core()  # one core for both sides, before JAX / torch start (PERFORMANCE.md rules)
 
@@ -36,16 +36,12 @@ def main(argv):
 
     from cna_jax import data
     from cna_jax.collect import collect_batch
-    from cna_jax.lm import LM, bucket, left_pad, smollm2_gguf_path
+    from cna_jax.lm import bucket, left_pad
     from cna_jax.models.llama import Decoder, causal_mask, padding_positions
 
     F = flags.FLAGS
-    torch.set_num_threads(1)
-    lm = LM.load("smollm2")
+    lm, hf = smollm2_both()
     cfg = lm.cfg
-    path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
     prompts = list(data.builtin("harmful"))[:F.batch * F.batches]
     ids = lm.encode(prompts)
     length = bucket(max(map(len, ids)))

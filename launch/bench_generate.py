@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import interleaved, pin_one_core  # noqa: E402  (launch/timing.py)
+from benchlib import interleaved, pin_one_core, smollm2_both  # noqa: E402  (launch/benchlib.py)
 
 pin_one_core()  # one core for both sides, before JAX / torch start (PERFORMANCE.md rules)
 
@@ -44,25 +44,19 @@ def main(argv):
     import transformers
 
     from cna_jax.generate import greedy_generate
-    from cna_jax.lm import LM, bucket, left_pad, smollm2_gguf_path
+    from cna_jax.lm import bucket, left_pad
     from cna_jax.neurons import multiplier
 
     F = flags.FLAGS
-    torch.set_num_threads(1)
-    lm = LM.load("smollm2")
+    lm, hf = smollm2_both()
     cfg = lm.cfg
-    path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
     flat = rng.choice(np.arange(2 * cfg.intermediate_size, cfg.num_neurons), F.neurons, replace=False)
     pairs = np.stack(np.divmod(flat, cfg.intermediate_size), 1)
     mult = jnp.asarray(multiplier(cfg.num_hidden_layers, cfg.intermediate_size, pairs, 0.0))
-    hf_masked = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # HF's side of every timing is the masked model
         for layer, i in pairs:
-            hf_masked.model.layers[int(layer)].mlp.down_proj.weight[:, int(i)] = 0.0
+            hf.model.layers[int(layer)].mlp.down_proj.weight[:, int(i)] = 0.0
     eos = lm.eos_ids()
     eos_arr = jnp.asarray(eos, jnp.int32)
     results = {"machine": os.uname().nodename, "jax": jax.__version__, "torch": torch.__version__,
@@ -86,7 +80,7 @@ def main(argv):
         t0 = time.perf_counter()
         out, num = ours(mult)
         compile_s = time.perf_counter() - t0
-        ref = theirs(hf_masked)[:, tokens.shape[1]:].numpy()
+        ref = theirs(hf)[:, tokens.shape[1]:].numpy()
         out, num = np.asarray(out), np.asarray(num)
         for r in range(b):  # the gate: identical greedy tokens up to each row's EOS
             row = ref[r].tolist()
@@ -95,12 +89,12 @@ def main(argv):
                 raise SystemExit(f"correctness gate failed at batch {b}, row {r}")
         new_tokens = int(num.sum())
         ours(None)  # warm the unmasked program too
-        t_masked, t_plain, t_hf = interleaved([lambda: ours(mult), lambda: ours(None), lambda: theirs(hf_masked)],
+        t_masked, t_plain, t_hf = interleaved([lambda: ours(mult), lambda: ours(None), lambda: theirs(hf)],
                                                F.repeats)
         steps = int(num.max())
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
         row = {"batch": b, "new_tokens_total": new_tokens, "steps": steps, "compile_s": compile_s,
-               "ours_masked_s": t_masked, "ours_plain_s": t_plain, "hf_masked_s": t_hf,
+               "ours_masked_s": t_masked, "ours_plain_s": t_plain, "hf_s": t_hf,
                "speedup": t_hf / t_masked, "mask_overhead": t_masked / t_plain - 1,
                "ours_tok_s": new_tokens / t_masked, "hf_tok_s": new_tokens / t_hf,
                "ours_weight_gb_s": weight_bytes * steps / t_masked / 1e9}

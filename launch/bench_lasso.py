@@ -20,7 +20,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import pin_one_core  # noqa: E402  (launch/timing.py)
+from benchlib import pin_one_core  # noqa: E402  (launch/benchlib.py)
 
 pin_one_core()  # XLA:CPU keeps a second thread whatever the flags say; one core for both sides
 os.environ["XLA_FLAGS"] = (

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks in launch/."""
+"""Helpers shared by the CPU benchmarks in launch/: one-core pinning, interleaved timing, the models."""
 import os
 import statistics
 import time
@@ -24,3 +24,17 @@ def interleaved(fns, repeats):
             fn()
             times[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
+
+
+def smollm2_both():
+    """SmolLM2-135M-Instruct fp32 twice: through cna_jax (LM) and through transformers' own GGUF load."""
+    import torch
+    import transformers
+
+    from cna_jax.lm import LM, smollm2_gguf_path
+
+    torch.set_num_threads(1)
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    return LM.load("smollm2"), hf
