@@ -6,7 +6,7 @@ Study settings are sized for a 2-core CPU (the whole study in <= 30 minutes); to
 Keep data.eval_fraction=0.3 and data.seed=0 (the testbed Recipe's split): the testbed was trained on that
 split's train part, so another split would put training prompts into the study's held-out set.
 """
-from cna_jax.config import study_config  # the schema configs/common.py re-exports
+from cna_jax.config import study_config
 
 # HF shape numbers of SmolLM2-135M(-Instruct) (its config.json; the testbed keeps them unchanged).
 SHAPE = dict(
