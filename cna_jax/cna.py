@@ -1,6 +1,7 @@
 """Contrastive Neuron Attribution: rank neurons by mean(harmful) - mean(harmless), keep a global top-k."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -57,10 +58,8 @@ def universal_neurons(lm: LM, neutral_prompts: Sequence[str], top: int = 20, fra
     """[L, I] bool: neurons in their layer's top-``top`` |activation| at the last token for >= ``frac``
     of the neutral prompts (raw text, no chat template)."""
     cfg = lm.cfg
-    all_nodes = np.stack(np.meshgrid(np.arange(cfg.num_hidden_layers), np.arange(cfg.intermediate_size),
-                                     indexing="ij"), -1).reshape(-1, 2)
-    raw = LM(lm.cfg, lm.params, lm.tokenizer, chat=False, dtype=lm.dtype, name=lm.name)
-    acts = collect(raw, neutral_prompts, nodes=all_nodes, batch_size=batch_size, progress=False)
+    raw = dataclasses.replace(lm, chat=False)
+    acts = collect(raw, neutral_prompts, nodes="all", batch_size=batch_size, progress=False)
     a = np.abs(acts.node_acts).reshape(-1, cfg.num_hidden_layers, cfg.intermediate_size)  # [P, L, I]
     top = min(top, cfg.intermediate_size)
     kth = np.partition(a, -top, axis=-1)[..., -top:].min(-1, keepdims=True)

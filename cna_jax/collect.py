@@ -150,6 +150,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     cfg = lm.cfg
     node_arr = _nodes_array(nodes, cfg)
+    flat_cols = node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1]  # into the flattened [L * I]
     key = cache_key(lm, prompts, position, last_k, node_arr, neuron_mult)
     path = None if cache_dir is None else os.path.join(cache_dir, f"activations-{key}.npz")
     if path is not None and os.path.exists(path):
@@ -158,14 +159,13 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
         dense = os.path.join(cache_dir, f"activations-{cache_key(lm, prompts, position, last_k, all_nodes(cfg), neuron_mult)}.npz")
         if os.path.exists(dense):
             full = Activations.load(dense)
-            cols = node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1]
-            return dataclasses.replace(full, nodes=node_arr, node_acts=full.node_acts[:, cols],
+            return dataclasses.replace(full, nodes=node_arr, node_acts=full.node_acts[:, flat_cols],
                                        meta={**full.meta, "key": key, "sliced_from": full.meta["key"]})
 
     ids = lm.encode(prompts)
     if position == "last_k" and min(map(len, ids)) < last_k:
         raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
-    node_index = jnp.asarray(node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1], jnp.int32)
+    node_index = jnp.asarray(flat_cols, jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
     sumsq = np.zeros_like(sums)

@@ -85,9 +85,6 @@ class Generations:
     texts: list[str]
     tokens: list[list[int]]  # up to and including the EOS
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = None, max_new_tokens: int = 150,
              batch_size: int = 32, progress: bool = True, desc: str = "generating") -> Generations:

@@ -146,7 +146,8 @@ class LM:
         tok = self.tokenizer
         if tok.pad_token_id is not None:
             return int(tok.pad_token_id)
-        return self.eos_ids()[0] if self.eos_ids() else 0
+        eos = self.eos_ids()
+        return eos[0] if eos else 0
 
     def multiplier_array(self, neuron_mult):
         """The neuron multiplier as a float32 device array (None stays None unsharded), shape-checked."""
@@ -198,14 +199,13 @@ def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, p
 
     Every batch has ``min(batch_size, len(ids))`` rows rounded up to ``multiple`` (fillers repeat a
     real row) and a bucketed length, so a jitted consumer compiles for few shapes."""
-    batch_size = -(-batch_size // multiple) * multiple
     order = np.argsort([len(x) for x in ids], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rows_out = -(-min(batch_size, len(order)) // multiple) * multiple  # every batch's row count
+    batches = [order[i:i + rows_out] for i in range(0, len(order), rows_out)]
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc=desc, unit="batch")
     for rows in batches:
         seqs = [ids[r] for r in rows]
-        rows_out = -(-min(batch_size, len(order)) // multiple) * multiple
         tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), pad_id, batch=rows_out)
         yield rows, tokens, valid

@@ -59,10 +59,6 @@ class NeuronSet:
     def pairs(self) -> list[tuple[int, int]]:
         return [(int(l), int(i)) for l, i in zip(self.layers, self.indices)]
 
-    def flat_indices(self) -> np.ndarray:
-        """Index into a flattened ``[layers * neurons]`` array."""
-        return self.layers * self.intermediate_size + self.indices
-
     def subset(self, positions: Sequence[int] | np.ndarray) -> "NeuronSet":
         """The neurons at ``positions`` of this set (e.g. a graph's connected nodes)."""
         p = np.asarray(positions, np.int64)

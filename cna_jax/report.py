@@ -12,12 +12,8 @@ import numpy as np
 from cna_jax.store import _json_default
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
-
-
-def _pct1(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+def _pct(x, digits: int = 0) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
 
 
 def tables(rows: Sequence[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -28,7 +24,7 @@ def tables(rows: Sequence[dict]) -> dict[str, tuple[list[str], list[list[str]]]]
            _pct(r["refusal"]["harmful/cna"]), _pct(r["refusal"]["harmful/contrast_graph"])] for r in rows])
     b = (["model", "instruct E", "base E", "shared E", "edge Jaccard", "base retention of instruct edges"],
          [[r["model"], f"{r['edges']['instruct']:,}", f"{r['edges']['base']:,}", f"{r['edges']['shared']:,}",
-           f"{r['edges']['jaccard']:.3f}", _pct1(r["edges"]["retention"])] for r in rows])
+           f"{r['edges']['jaccard']:.3f}", _pct(r["edges"]["retention"], 1)] for r in rows])
     c = (["model", "no intervention", "harmful/non-harmful contrast graph", "harmful-only graph"],
          [[r["model"], _pct(r["refusal"]["harmful/none"]), _pct(r["refusal"]["harmful/contrast_graph"]),
            _pct(r["refusal"]["harmful/harmful_graph"])] for r in rows])
@@ -38,7 +34,7 @@ def tables(rows: Sequence[dict]) -> dict[str, tuple[list[str], list[list[str]]]]
         for x in nl["rows"]:
             d_rows.append([r["model"], f"{nl['graph_n']:,}", _pct(nl["graph_fraction_of_cna"]),
                            _pct(nl["graph_reduction"]), x["family"].replace("_", "-"), str(x["n"]),
-                           _pct1(x["mean_reduction"]), _pct1(x["max_reduction"]),
+                           _pct(x["mean_reduction"], 1), _pct(x["max_reduction"], 1),
                            f"{x['n_at_least_graph']}/{x['n']}"])
     d = (["model", "graph n", "graph/CNA", "graph refusal reduction", "null set", "n", "null mean", "null max",
           "nulls >= graph"], d_rows)

@@ -55,7 +55,6 @@ class Prompts:
     train_harmless: list[str]
     eval_harmful: list[str]
     eval_harmless: list[str]
-    hashes: dict
 
 
 def prepare_prompts(c) -> Prompts:
@@ -68,8 +67,7 @@ def prepare_prompts(c) -> Prompts:
     n_pairs = None if d.n_pairs == -1 else d.n_pairs
     tr_h, tr_b = data_lib.pair(tr_h, tr_b, d.seed, n_pairs)
     n_eval = None if d.n_eval == -1 else d.n_eval
-    return Prompts(list(tr_h), list(tr_b), list(ev_h)[:n_eval], list(ev_b)[:n_eval],
-                   {"harmful": harmful.hash, "harmless": harmless.hash})
+    return Prompts(list(tr_h), list(tr_b), list(ev_h)[:n_eval], list(ev_b)[:n_eval])
 
 
 def null_subsets(pool: NeuronSet, subset_idx: np.ndarray, n: int, family: str, seed: int):

@@ -186,3 +186,13 @@ def test_subset_collect_is_sliced_from_cached_all_neuron_collection(smollm2_lm, 
     direct = collect(smollm2_lm, prompts, nodes=nodes, progress=False)  # no cache: a real pass
     np.testing.assert_allclose(sliced.node_acts, direct.node_acts, atol=1e-5)
     np.testing.assert_allclose(sliced.mean, direct.mean, atol=1e-5)
+
+
+def test_universal_neuron_filter(smollm2_lm):
+    """The 'universal neuron' option: per-layer top-20 |activation| on >= 80% of neutral raw prompts."""
+    from cna_jax.cna import NEUTRAL_PROMPTS, universal_neurons
+    mask = universal_neurons(smollm2_lm, NEUTRAL_PROMPTS)
+    assert mask.shape == (30, 1536) and 0 < mask.sum() <= 30 * 20
+    assert (mask.sum(1) <= 20).all()  # at most the per-layer top-20 can qualify
+    strict = universal_neurons(smollm2_lm, NEUTRAL_PROMPTS, frac=1.0)
+    assert not (strict & ~mask).any()  # a stricter share keeps a subset
