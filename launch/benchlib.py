@@ -4,10 +4,13 @@ import statistics
 import time
 
 
-def pin_one_core(core: int = 0) -> None:
+def pin_one_core(core: int | None = None) -> None:
     """Runs this process on one core, before JAX / torch start: XLA:CPU in jax 0.10 keeps a second
     worker thread whatever XLA_FLAGS say (measured: 2 s of CPU per 1 s of wall), so the flags alone do
-    not give the one-thread comparison PERFORMANCE.md asks for. Pinning does, for both sides alike."""
+    not give the one-thread comparison PERFORMANCE.md asks for. Pinning does, for both sides alike.
+    The core is ``core``, else $BENCH_CORE, else 0 (two benchmarks can then run side by side)."""
+    if core is None:
+        core = int(os.environ.get("BENCH_CORE", "0"))
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
