@@ -159,24 +159,17 @@ def _path_chunk(sub_gram, xty, yty, mask, lambdas, tol, max_iter):
         gap, rss, _ = _gap_terms(b, r, ct, yty, lam, mt, jnp, axis=0)
         return gap / syy_safe, rss
 
-    def primal(b, r, lam):
-        _, rss, l1 = _gap_terms(b, r, ct, yty, lam, mt, jnp, axis=0)
-        return 0.5 * rss + lam * l1
-
     def solve(carry, lam):
-        b1, r1, b0, lam1, lam0 = carry  # r1 = c - S b1, exact (the previous λ ended on a refresh)
+        b1, b0, lam1, lam0 = carry
         # Warm start by linear extrapolation along the path: for a fixed support and signs the
         # solution is affine in λ, so b(λ) ≈ b1 + (λ1 - λ)/(λ0 - λ1) (b1 - b0); coordinates whose
-        # sign would change (or that are zero at λ1) start at 0. Keep it only where its primal
-        # objective beats the plain warm start b1 (so it can only help), then do CD as usual.
+        # sign would change (or that are zero at λ1) start at 0. (Keeping b1 where it had the lower
+        # primal objective changed no sweep count on the benchmark data and cost ~4% of the time.)
         step = (lam1 - lam) / jnp.where(lam0 > lam1, lam0 - lam1, 1.0)
         step = jnp.where(lam0 > lam1, step, 0.0)
-        bx = b1 + step[None, :] * (b1 - b0)
-        bx = jnp.where(jnp.sign(bx) == jnp.sign(b1), bx, 0.0) * maskf
-        rx = exact_grad(bx)
-        better = primal(bx, rx, lam) < primal(b1, r1, lam)
-        b = jnp.where(better[None, :], bx, b1)
-        r = jnp.where(better[None, :], rx, r1)
+        b = b1 + step[None, :] * (b1 - b0)
+        b = jnp.where(jnp.sign(b) == jnp.sign(b1), b, 0.0) * maskf
+        r = exact_grad(b)
 
         def unconverged(st):
             return (st[2] < max_iter) & (st[3] > stop)
@@ -191,16 +184,17 @@ def _path_chunk(sub_gram, xty, yty, mask, lambdas, tol, max_iter):
             # gradient (the running one drifts by rounding); two loops keep a per-sweep cond out.
             b, r, it, _ = lax.while_loop(unconverged, sweeps, st[:3] + (jnp.asarray(jnp.inf, dtype),))
             r = exact_grad(b)
-            return b, r, it, jnp.max(gap_of(b, r, lam)[0])
+            rel, rss = gap_of(b, r, lam)
+            return b, r, it, jnp.max(rel), rel, rss
 
-        b, r, it, _ = lax.while_loop(unconverged, confirmed, (b, r, jnp.int32(0), jnp.max(gap_of(b, r, lam)[0])))
-        rel, rss = gap_of(b, r, lam)
+        rel, rss = gap_of(b, r, lam)  # 0 sweeps where the start already meets tol (λ_max, padding)
+        b, r, it, _, rel, rss = lax.while_loop(unconverged, confirmed, (b, r, jnp.int32(0), jnp.max(rel), rel, rss))
         out = (b.T, rel, it, rss, jnp.sum(b != 0, axis=0).astype(jnp.int32))
-        return (b, r, b1, lam, lam1), out
+        return (b, b1, lam, lam1), out
 
     b0 = jnp.zeros((k, n_nodes), dtype)
     lam_init = jnp.zeros((n_nodes,), dtype)  # no extrapolation for the first two λ
-    init = (b0, ct, b0, lam_init, lam_init)
+    init = (b0, b0, lam_init, lam_init)
     _, (coef, gap, n_iter, rss, df) = lax.scan(solve, init, lambdas.T)
     return coef, gap, n_iter, rss, df
 
