@@ -107,9 +107,11 @@ class Attention(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, layer, cache_slot):
+    def __call__(self, x, positions, mask, cache, layer, cache_slot, prefix=None):
         """x: [B, T, E]; positions: [B, T]; mask: [B, T, S] bool (True = attend);
-        cache: None or the stacked KVCache, written for this ``layer`` at slot ``cache_slot``."""
+        cache: None or the stacked KVCache, written for this ``layer`` at slot ``cache_slot``;
+        prefix: None or a stacked KVCache ``[L, 1 or B, K, Q, D]`` of keys/values that precede every
+        row (not written): its Q slots come first, S = Q + T."""
         cfg = self.cfg
         h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -136,6 +138,11 @@ class Attention(nn.Module):
                 constrain_cache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)),
                 constrain_cache(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)))
             k, v = cache.k[layer], cache.v[layer]
+        elif prefix is not None:
+            def lead(p):
+                return jnp.broadcast_to(p[layer], (b,) + p.shape[2:]).astype(k.dtype)
+            k = jnp.concatenate([lead(prefix.k), k], axis=2)
+            v = jnp.concatenate([lead(prefix.v), v], axis=2)
 
         # Queries of one kv head are grouped as rows [T * G] of one matmul: a canonical batched
         # matmul over (B, K) for prefill and decode alike (a size-1 T axis makes XLA:CPU slow).
@@ -179,10 +186,10 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot):
+    def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot, prefix=None):
         eps = self.cfg.rms_norm_eps
         attn, cache = Attention(self.cfg, self.dtype, name="self_attn")(
-            RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache, layer, cache_slot)
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache, layer, cache_slot, prefix)
         x = x + attn
         mlp, neurons = MLP(self.cfg, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), neuron_mult)
@@ -206,15 +213,21 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
-                 cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False):
+                 cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False,
+                 prefix: KVCache | None = None):
         """
         tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
         attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
           the cache length with one).
         neuron_mult: [L, I] or None; cache: KVCache or None, written at slot ``cache_slot`` (scalar).
         select: [B, P] int or None; when given, logits and neurons are returned at those positions only.
+        prefix: KVCache ``[L, 1 or B, K, Q, D]`` or None (not with ``cache``): keys and values of a prefix
+          every row continues (e.g. the cache a batch-1 run of shared tokens wrote); read, never written.
+          attn_mask then covers S = Q + T slots (prefix first) and positions continue from the prefix's.
         """
         cfg = self.cfg
+        if prefix is not None and cache is not None:
+            raise ValueError("give either a cache or a prefix, not both")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
         x = embed(tokens)
@@ -222,7 +235,7 @@ class Decoder(nn.Module):
         for layer in range(cfg.num_hidden_layers):
             mult = None if neuron_mult is None else neuron_mult[layer]
             x, cache, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
-                x, positions, attn_mask, mult, cache, layer, cache_slot)
+                x, positions, attn_mask, mult, cache, layer, cache_slot, prefix)
             if return_neurons:
                 if select is None:
                     all_neurons.append(neurons)
