@@ -21,22 +21,30 @@ import numpy as np
 
 from cna_jax.lm import LM, padded_batches
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import Decoder, causal_mask, padding_positions
+from cna_jax.models.llama import CACHE_SHARDING, Decoder, KVCache, causal_mask, padding_positions
 
 POSITIONS = ("last", "last_k", "all")
 
 
-def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_index, *, cfg: ModelConfig,
-               dtype=jnp.float32):
+def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_index, prefix_tokens=None, *,
+               cfg: ModelConfig, dtype=jnp.float32):
     """Neuron statistics for one batch.
 
     tokens, valid: [B, T]; select: [B, P] int positions to read; select_valid: [B, P] bool (False for
     padding rows / positions, which then count nowhere); neuron_mult: [L, I] or None;
     node_index: [N] int into the flattened [L * I] neurons.
+    prefix_tokens: None, or [Q] int tokens that precede *every* row (a shared chat-template header):
+      they are run once at batch 1 into a KV cache of Q slots (with the same multiplier), and the
+      rows ``tokens`` (left-padded suffixes) continue from it at rotary positions Q, Q+1, ... . The
+      prefix's own positions are never read: ``select`` indexes the suffix.
     Returns (sums [L, I] f32, sumsq [L, I] f32, node_acts [B, P, N] f32).
     """
-    out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
-                                    neuron_mult, select=select, return_logits=False, return_neurons=True)
+    model = Decoder(cfg, dtype)
+    if prefix_tokens is None:
+        out = model.apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
+                          neuron_mult, select=select, return_logits=False, return_neurons=True)
+    else:
+        out = _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, cfg, dtype)
     h = out.neurons.astype(jnp.float32)  # [L, B, P, I]
     w = select_valid.astype(jnp.float32)
     sums = jnp.einsum("lbpi,bp->li", h, w)
@@ -44,6 +52,25 @@ def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_in
     l, b, p, i = h.shape
     flat = jnp.moveaxis(h, 0, 2).reshape(b, p, l * i)  # [B, P, L*I]
     return sums, sumsq, jnp.take(flat, node_index, axis=-1)
+
+
+def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, cfg, dtype):
+    """The shared prefix once (batch 1, keeping only its keys and values), then the suffix batch whose
+    queries attend to the prefix's Q slots and causally to their own valid tokens."""
+    q = prefix_tokens.shape[0]
+    b, t = tokens.shape
+    # The batch-1 prefix cache cannot take the layout's batch-split sharding constraint: trace it
+    # unconstrained (under a sharded layout the rows' batch split comes from their own inputs).
+    token = CACHE_SHARDING.set(None)
+    try:
+        pre = model.apply({"params": params}, prefix_tokens[None].astype(jnp.int32),
+                          jnp.arange(q, dtype=jnp.int32)[None], jnp.tril(jnp.ones((q, q), bool))[None],
+                          neuron_mult, cache=KVCache.zeros(cfg, 1, q, dtype), cache_slot=0, return_logits=False)
+    finally:
+        CACHE_SHARDING.reset(token)
+    mask = jnp.concatenate([jnp.ones((b, t, q), bool), causal_mask(valid)], axis=-1)  # [B, T, Q + T]
+    return model.apply({"params": params}, tokens, q + padding_positions(valid), mask, neuron_mult,
+                       select=select, return_logits=False, return_neurons=True, prefix=pre.cache)
 
 
 collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
@@ -135,13 +162,44 @@ def cache_key(lm: LM, prompts: Sequence[str], position: str, last_k: int, nodes:
     return h.hexdigest()[:16]
 
 
+# Below this many shared tokens a separate prefix pass is not worth its compile.
+MIN_SHARED_PREFIX = 8
+# Suffix batches are bucketed to multiples of this (finer than the default 32: suffixes are short).
+COLLECT_LENGTH_MULTIPLE = 8
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]], keep: int = 1, minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Length of the longest token prefix common to every list, capped so that every suffix keeps at
+    least ``keep`` (>= 1) tokens; 0 when that is shorter than ``minimum`` or there are fewer than 2 lists."""
+    if len(ids) < 2:
+        return 0
+    shortest = min(map(len, ids))
+    first = np.asarray(ids[0][:shortest])
+    n = shortest
+    for x in ids[1:]:
+        diff = np.flatnonzero(np.asarray(x[:n]) != first[:n])
+        if len(diff):
+            n = int(diff[0])
+        if n == 0:
+            break
+    n = min(n, shortest - max(1, keep))
+    return n if n >= max(1, minimum) else 0
+
+
 def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", last_k: int = 1,
             neuron_mult: np.ndarray | None = None, batch_size: int = 32, cache_dir: str | None = None,
-            progress: bool = True, desc: str = "collecting") -> Activations:
+            progress: bool = True, desc: str = "collecting", share_prefix: bool = True) -> Activations:
     """Collects neuron statistics over ``prompts`` (formatted as ``lm`` formats them).
 
     nodes: None, "all", a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
     cache_dir: when given, a result for the same inputs is reused (and new results are saved there).
+    share_prefix: with ``position`` "last" / "last_k" and >= 2 prompts, the longest token prefix all
+      encoded prompts share (the chat template's system header, typically) is computed once per batch
+      at batch 1 and the rows run only their own suffixes against its KV cache (``collect_fn``'s
+      ``prefix_tokens``). Causal attention makes this the same computation (equal up to float
+      rounding), so it does not enter the cache key; ``meta["shared_prefix_tokens"]`` records the
+      length (0 when unused). With ``position="all"`` the full prompts run as they are, since every
+      prompt's prefix positions are rows of the result.
     """
     prompts = list(prompts)
     if not prompts:
@@ -165,6 +223,11 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     ids = lm.encode(prompts)
     if position == "last_k" and min(map(len, ids)) < last_k:
         raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
+    shared = 0
+    if share_prefix and position != "all":
+        shared = shared_prefix_length(ids, keep=last_k if position == "last_k" else 1)
+    prefix = jnp.asarray(ids[0][:shared], jnp.int32) if shared else None
+    rows_ids = [x[shared:] for x in ids] if shared else ids
     node_index = jnp.asarray(flat_cols, jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
@@ -173,12 +236,13 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     rows, row_prompt = [], []
     run = collect_batch if lm.layout is None else lm.sharded("collect")
     static = {"cfg": cfg, "dtype": lm.dtype} if lm.layout is None else {}
-    for batch_rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple()):
+    for batch_rows, tokens, valid in padded_batches(rows_ids, batch_size, lm.pad_id(), progress, desc,
+                                                    lm.batch_multiple(), COLLECT_LENGTH_MULTIPLE):
         select, sel_valid = _select_positions(valid, position, last_k)
         sel_valid[len(batch_rows):] = False  # filler rows repeat a real prompt; they must not count
         batch = (tokens, valid, select, sel_valid)
         s, sq, acts = run(lm.params, *(batch if lm.layout is None else lm.global_batch(*batch)), mult, node_index,
-                          **static)
+                          prefix, **static)
         sums += lm.to_host(s).astype(np.float64)
         sumsq += lm.to_host(sq).astype(np.float64)
         count += int(sel_valid.sum())
@@ -195,7 +259,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
                          row_prompt[order_rows],
                          {"model": lm.describe(), "position": position, "last_k": last_k, "n_prompts": len(prompts),
                           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
-                          "masked": neuron_mult is not None, "key": key})
+                          "masked": neuron_mult is not None, "shared_prefix_tokens": shared, "key": key})
     if path is not None:
         result.save(path)
     return result

@@ -187,18 +187,21 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, batch: int
 
 def bucket(n: int, multiple: int = 32) -> int:
     """Rounds a length up to a bucket so new batches rarely recompile: multiples of ``multiple`` up to
-    256, then powers of two."""
+    256 (but at most four buckets per octave: multiples of ``next_pow2(n) / 8`` when that is larger),
+    then powers of two. With the default ``multiple=32`` that is simply multiples of 32 up to 256."""
     if n <= 256:
-        return max(multiple, -(-n // multiple) * multiple)
+        step = max(multiple, (1 << max(n - 1, 0).bit_length()) // 8)
+        return max(multiple, -(-n // step) * step)
     return 1 << (n - 1).bit_length()
 
 
 def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress: bool = False,
-                   desc: str = "", multiple: int = 1):
+                   desc: str = "", multiple: int = 1, length_multiple: int = 32):
     """Yields (row indices, tokens [B, T], valid [B, T]) over token lists sorted by length (less padding).
 
     Every batch has ``min(batch_size, len(ids))`` rows rounded up to ``multiple`` (fillers repeat a
-    real row) and a bucketed length, so a jitted consumer compiles for few shapes."""
+    real row) and a bucketed length (:func:`bucket` with ``length_multiple``), so a jitted consumer
+    compiles for few shapes."""
     order = np.argsort([len(x) for x in ids], kind="stable")
     rows_out = -(-min(batch_size, len(order)) // multiple) * multiple  # every batch's row count
     batches = [order[i:i + rows_out] for i in range(0, len(order), rows_out)]
@@ -207,5 +210,5 @@ def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, p
         batches = tqdm(batches, desc=desc, unit="batch")
     for rows in batches:
         seqs = [ids[r] for r in rows]
-        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs))), pad_id, batch=rows_out)
+        tokens, valid = left_pad(seqs, bucket(max(map(len, seqs)), length_multiple), pad_id, batch=rows_out)
         yield rows, tokens, valid

@@ -339,7 +339,8 @@ class ShardedFunction:
     """``jax.jit`` of an un-jitted function with explicit in/out shardings, static kwargs bound.
 
     Call it like the function (without the static keywords); ``lower(*args)`` works on arrays or
-    ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`).
+    ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`). Trailing dynamic arguments left
+    out are None (optional arguments such as collection's ``prefix_tokens``).
     """
 
     def __init__(self, fn: Callable, layout: Layout, in_shardings, out_shardings, static: dict):
@@ -358,17 +359,23 @@ class ShardedFunction:
         traced.__name__ = f"sharded_{getattr(fn, '__name__', 'fn')}"
 
         self.fn = fn
+        self.n_dynamic = n_dyn
         self.jitted = jax.jit(traced, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
                               static_argnums=tuple(range(n_dyn, n_dyn + len(names))))
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
 
+    def _full(self, args):
+        if len(args) > self.n_dynamic:
+            raise TypeError(f"{self.fn.__name__} takes {self.n_dynamic} dynamic arguments, got {len(args)}")
+        return args + (None,) * (self.n_dynamic - len(args))
+
     def __call__(self, *args):
-        return self.jitted(*args, *self.static.values())
+        return self.jitted(*self._full(args), *self.static.values())
 
     def lower(self, *args):
         """AOT lowering on arrays or ``jax.ShapeDtypeStruct`` (no data needed)."""
-        return self.jitted.lower(*args, *self.static.values())
+        return self.jitted.lower(*self._full(args), *self.static.values())
 
 
 def sharded_forward(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
@@ -395,12 +402,14 @@ def sharded_generate(cfg: ModelConfig, layout: Layout, dtype=jnp.float32, max_ne
 
 def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
     """Activation collection (``cna_jax.collect.collect_fn``) with the batch split over the batch axes:
-    ``(params, tokens, valid, select, select_valid [B,P], neuron_mult | None, node_index [N])
-    -> (sums [L,I], sumsq [L,I], node_acts [B,P,N])``; use the ``collection`` preset."""
+    ``(params, tokens, valid, select, select_valid [B,P], neuron_mult | None, node_index [N],
+    prefix_tokens [Q] | None) -> (sums [L,I], sumsq [L,I], node_acts [B,P,N])``; use the ``collection``
+    preset. A shared prefix is replicated and run once at batch 1 (unconstrained); the batch-split rows
+    read its keys and values."""
     from cna_jax.collect import collect_fn
 
     in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.batch(2), layout.batch(2),
-             layout.sharding(("layers", "neurons")), layout.replicated())
+             layout.sharding(("layers", "neurons")), layout.replicated(), layout.replicated())
     out_sh = (layout.sharding(("layers", "neurons")), layout.sharding(("layers", "neurons")), layout.batch(3))
     return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype})
 

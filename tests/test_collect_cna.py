@@ -9,7 +9,7 @@ import torch
 
 from cna_jax import convert
 from cna_jax.cna import discover, select_neurons
-from cna_jax.collect import Activations, collect, collect_batch
+from cna_jax.collect import Activations, collect, collect_batch, shared_prefix_length
 from cna_jax.lm import bucket, left_pad
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import multiplier
@@ -71,6 +71,7 @@ def test_smollm2_collect_equals_hf_prehook(smollm2_lm, smollm2_hf, tmp_path):
                "Explain how a refrigerator keeps food cold, step by step."]
     nodes = np.array([[2, 10], [15, 700], [29, 1535], [7, 0]])
     acts = collect(lm, prompts, nodes=nodes, batch_size=3, progress=False, cache_dir=str(tmp_path))
+    assert acts.meta["shared_prefix_tokens"] >= 8  # the chat header ran once, the rows only their suffixes
     ids = lm.encode(prompts)
     tokens, valid = left_pad(ids, bucket(max(map(len, ids))), lm.pad_id())
     ref = hf_down_proj_inputs(smollm2_hf, tokens, valid)[:, :, -1]  # [L, B, I] at the last prompt token
@@ -89,6 +90,47 @@ def test_smollm2_collect_equals_hf_prehook(smollm2_lm, smollm2_hf, tmp_path):
         collect(lm, [], progress=False)
     with pytest.raises(ValueError, match="position"):
         collect(lm, prompts, position="first", progress=False)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4, 5], [1, 2, 3, 9]], minimum=1) == 3
+    assert shared_prefix_length([[1, 2, 3, 4, 5], [1, 2, 3, 4]], minimum=1) == 3  # a suffix keeps >= 1 token
+    assert shared_prefix_length([[1, 2, 3, 4, 5], [1, 2, 3, 4]], keep=3, minimum=1) == 1
+    assert shared_prefix_length([[1, 2, 3, 4, 5], [1, 2, 3, 9]], minimum=4) == 0  # too short to be worth it
+    assert shared_prefix_length([[1, 2, 3, 4, 5]], minimum=1) == 0  # one prompt: nothing shared
+    assert shared_prefix_length([[7, 2], [1, 2]], minimum=0) == 0
+
+
+def test_collection_length_buckets():
+    """Suffix batches use multiples of 8 (at most four buckets per octave); the default stays 32."""
+    assert [bucket(n, 8) for n in (1, 13, 17, 24, 33, 65, 129, 200, 300)] == [8, 16, 24, 24, 40, 80, 160, 224, 512]
+    assert [bucket(n) for n in (1, 33, 100, 256, 257)] == [32, 64, 128, 256, 512]
+
+
+def test_smollm2_shared_prefix_equals_full_prompts(smollm2_lm):
+    """Prefix sharing (header once, suffixes against its cache) = the full prompts, under a neuron
+    multiplier (applied at the prefix positions too), at the last 3 positions (position="last" is
+    checked against HF in test_smollm2_collect_equals_hf_prehook)."""
+    lm = smollm2_lm
+    cfg = lm.cfg
+    prompts = ["How do I pick a lock?", "Name three rivers in Europe and say which is the longest.", "Hello there",
+               "Describe, in detail, how a steam engine turns heat into motion.", "Why is the sky blue?"]
+    nodes = np.array([[2, 10], [15, 700], [29, 1535], [7, 0], [20, 5]])
+    ablate = [(2, 10), (20, 5)] + [(layer, i) for layer in (1, 3, 10) for i in range(0, 1536, 7)]
+    mult = multiplier(cfg.num_hidden_layers, cfg.intermediate_size, ablate, 0.0)
+    kw = dict(nodes=nodes, position="last_k", last_k=3, batch_size=5, progress=False)
+    shared = collect(lm, prompts, neuron_mult=mult, **kw)
+    full = collect(lm, prompts, neuron_mult=mult, share_prefix=False, **kw)
+    assert shared.meta["shared_prefix_tokens"] >= 8 and full.meta["shared_prefix_tokens"] == 0
+    assert shared.meta["key"] == full.meta["key"]
+    assert shared.count == full.count == 15 and shared.row_prompt.tolist() == full.row_prompt.tolist()
+    np.testing.assert_allclose(shared.node_acts, full.node_acts, atol=1e-4)
+    np.testing.assert_allclose(shared.mean, full.mean, atol=1e-4)
+    np.testing.assert_allclose(shared.sumsq / shared.count, full.sumsq / full.count, atol=1e-4, rtol=1e-4)
+    assert np.all(shared.node_acts[:, [0, 4]] == 0.0)  # the ablated nodes read 0
+    # The multiplier really reaches the rows through the shared prefix: without it they differ.
+    plain = collect(lm, prompts, neuron_mult=np.ones_like(mult), **kw)
+    assert np.abs(plain.node_acts[:, 1:4] - shared.node_acts[:, 1:4]).max() > 1e-3
 
 
 def test_activations_save_load(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from cna_jax import convert, sharding as S
 from cna_jax.collect import collect_fn
 from cna_jax.generate import greedy_generate
+from cna_jax.lm import left_pad
 from cna_jax.models import forward
 from cna_jax.models.config import from_hf_dict
 from hf_models import left_padded_batch, save_tiny
@@ -85,6 +86,36 @@ def test_sharded_equals_single_device(tiny, shape):
     for got, want in zip((sums, sumsq, acts), ref["collect"]):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
     assert acts.sharding.spec[0] == S.make_layout(cfg, mesh, "collection", kv_heads="replicate").spec(("batch",))[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4), (8, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_collect_with_shared_prefix(tiny, shape):
+    """Collection with a shared prefix (run once at batch 1, its keys and values read by the batch-split rows)
+    on a mesh = one device with the prefix = one device on the full prompts."""
+    path, cfg, params, x, _ = tiny
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(0, cfg.vocab_size, 6).astype(np.int32)
+    lengths = [5, 9, 12, 3, 7, 12, 2, 10]
+    suffixes = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    tokens, valid = left_pad(suffixes, 12, 0)
+    full_tokens, full_valid = left_pad([prefix.tolist() + s for s in suffixes], 18, 0)
+    sel_valid = np.ones((8, 2), bool)
+    last2 = lambda t: np.broadcast_to(np.arange(t - 2, t, dtype=np.int32), (8, 2)).copy()  # noqa: E731
+    single = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
+    want = single(params, full_tokens, full_valid, last2(18), sel_valid, x["mult"], x["node_index"], cfg=cfg)
+    got1 = single(params, tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"], prefix, cfg=cfg)
+    layout = S.make_layout(cfg, S.make_mesh(shape), "collection", kv_heads="replicate", batch=8)
+    fn = S.sharded_collect(cfg, layout)
+    got = fn(S.shard_params(params, cfg, layout), tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"],
+             prefix)
+    for g, g1, w in zip(got, got1, want):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(w), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+    assert got[2].sharding.spec[0] == layout.spec(("batch",))[0]
+    # Without the trailing prefix argument the sharded function runs the plain path (prefix None).
+    plain = fn(S.shard_params(params, cfg, layout), full_tokens, full_valid, last2(18), sel_valid, x["mult"],
+               x["node_index"])
+    np.testing.assert_allclose(np.asarray(plain[2]), np.asarray(want[2]), atol=1e-5, rtol=1e-5)
 
 
 def test_kv_replicate_fallback_generation(tiny):
