@@ -291,8 +291,8 @@ def main(argv):
         f"Command: `python -m launch.bench_lasso {' '.join(sys.argv[1:])}`. Data: simulated sparse GGM + 20 latent factors, "
         "standardised float32; tol 1e-4 relative duality gap for both; gate = shared float64 evaluator "
         "(ours/anchor max relative gap) + support agreement over every λ. GFLOP/s for the CD counts "
-        "2·K²·(node sweeps) (K = candidate width). The machine was shared with other jobs (load average 5-11 on "
-        "2 vCPU), so absolute times are noisy; ratios are from the same run.",
+        "2·K²·(node sweeps) (K = candidate width). The process is pinned to one core ($BENCH_CORE, default 0; "
+        "`launch/benchlib.py`); ratios are from the same run.",
     ]
     write_markdown(_OUT.value, rows, info)
     print("\n".join(rows))
