@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, padded_batches
+from cna_jax.lm import LM, padded_batches, shared_prefix_length
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import CACHE_SHARDING, Decoder, KVCache, causal_mask, padding_positions
+from cna_jax.models.llama import Decoder, causal_mask, padding_positions, prefix_cache
 
 POSITIONS = ("last", "last_k", "all")
 
@@ -44,7 +44,7 @@ def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_in
         out = model.apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
                           neuron_mult, select=select, return_logits=False, return_neurons=True)
     else:
-        out = _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, cfg, dtype)
+        out = _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens)
     h = out.neurons.astype(jnp.float32)  # [L, B, P, I]
     w = select_valid.astype(jnp.float32)
     sums = jnp.einsum("lbpi,bp->li", h, w)
@@ -54,23 +54,15 @@ def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_in
     return sums, sumsq, jnp.take(flat, node_index, axis=-1)
 
 
-def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, cfg, dtype):
+def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens):
     """The shared prefix once (batch 1, keeping only its keys and values), then the suffix batch whose
     queries attend to the prefix's Q slots and causally to their own valid tokens."""
     q = prefix_tokens.shape[0]
     b, t = tokens.shape
-    # The batch-1 prefix cache cannot take the layout's batch-split sharding constraint: trace it
-    # unconstrained (under a sharded layout the rows' batch split comes from their own inputs).
-    token = CACHE_SHARDING.set(None)
-    try:
-        pre = model.apply({"params": params}, prefix_tokens[None].astype(jnp.int32),
-                          jnp.arange(q, dtype=jnp.int32)[None], jnp.tril(jnp.ones((q, q), bool))[None],
-                          neuron_mult, cache=KVCache.zeros(cfg, 1, q, dtype), cache_slot=0, return_logits=False)
-    finally:
-        CACHE_SHARDING.reset(token)
+    pre = prefix_cache(model, params, prefix_tokens, neuron_mult)
     mask = jnp.concatenate([jnp.ones((b, t, q), bool), causal_mask(valid)], axis=-1)  # [B, T, Q + T]
     return model.apply({"params": params}, tokens, q + padding_positions(valid), mask, neuron_mult,
-                       select=select, return_logits=False, return_neurons=True, prefix=pre.cache)
+                       select=select, return_logits=False, return_neurons=True, prefix=pre)
 
 
 collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
@@ -162,28 +154,8 @@ def cache_key(lm: LM, prompts: Sequence[str], position: str, last_k: int, nodes:
     return h.hexdigest()[:16]
 
 
-# Below this many shared tokens a separate prefix pass is not worth its compile.
-MIN_SHARED_PREFIX = 8
 # Suffix batches are bucketed to multiples of this (finer than the default 32: suffixes are short).
 COLLECT_LENGTH_MULTIPLE = 8
-
-
-def shared_prefix_length(ids: Sequence[Sequence[int]], keep: int = 1, minimum: int = MIN_SHARED_PREFIX) -> int:
-    """Length of the longest token prefix common to every list, capped so that every suffix keeps at
-    least ``keep`` (>= 1) tokens; 0 when that is shorter than ``minimum`` or there are fewer than 2 lists."""
-    if len(ids) < 2:
-        return 0
-    shortest = min(map(len, ids))
-    first = np.asarray(ids[0][:shortest])
-    n = shortest
-    for x in ids[1:]:
-        diff = np.flatnonzero(np.asarray(x[:n]) != first[:n])
-        if len(diff):
-            n = int(diff[0])
-        if n == 0:
-            break
-    n = min(n, shortest - max(1, keep))
-    return n if n >= max(1, minimum) else 0
 
 
 def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", last_k: int = 1,

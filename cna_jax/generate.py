@@ -14,33 +14,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, padded_batches
+from cna_jax.lm import LM, padded_batches, shared_prefix_length
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import Decoder, KVCache, padding_positions
+from cna_jax.models.llama import Decoder, KVCache, constrain_cache, padding_positions, prefix_cache
 
 
-def greedy_generate_fn(params, tokens, valid, neuron_mult, eos_ids, *, cfg: ModelConfig, dtype=jnp.float32,
-                    max_new_tokens: int = 150):
+def greedy_generate_fn(params, tokens, valid, neuron_mult, eos_ids, prefix_tokens=None, *, cfg: ModelConfig,
+                       dtype=jnp.float32, max_new_tokens: int = 150):
     """Greedy continuation of left-padded prompts.
 
     tokens, valid: [B, T]; neuron_mult: [L, I] or None; eos_ids: [E] int (at least one).
+    prefix_tokens: None, or [Q] int tokens that precede *every* row (a shared chat-template header):
+      run once at batch 1 (same multiplier) and copied into the first Q cache slots of every row; the
+      rows ``tokens`` (left-padded suffixes) continue at rotary positions Q, Q+1, ... .
     Returns (new_tokens [B, N] int32 — after a row's EOS the EOS id repeats —, num_generated [B] int32,
     counting the EOS).
     """
     model = Decoder(cfg, dtype)
     b, t = tokens.shape
     n = max_new_tokens
-    slots = t + n
+    q = 0 if prefix_tokens is None else prefix_tokens.shape[0]
+    slots = q + t + n
     cache = KVCache.zeros(cfg, b, slots, dtype)
-    kv_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)  # [B, S]
+    if q:
+        pre = prefix_cache(model, params, prefix_tokens, neuron_mult)  # [L, 1, K, Q, D]
+        cache = KVCache(*(constrain_cache(jax.lax.dynamic_update_slice(
+            c, jnp.broadcast_to(p, p.shape[:1] + (b,) + p.shape[2:]).astype(c.dtype), (0, 0, 0, 0, 0)))
+            for c, p in zip(cache, pre)))
+    kv_valid = jnp.concatenate([jnp.ones((b, q), bool), valid, jnp.ones((b, n), bool)], axis=1)  # [B, S]
     slot_ids = jnp.arange(slots)
 
-    prefill_mask = (slot_ids[None, None, :] <= jnp.arange(t)[None, :, None]) & kv_valid[:, None, :]
+    prefill_mask = (slot_ids[None, None, :] <= (q + jnp.arange(t))[None, :, None]) & kv_valid[:, None, :]
     last = jnp.full((b, 1), t - 1, jnp.int32)
-    out = model.apply({"params": params}, tokens, padding_positions(valid), prefill_mask, neuron_mult,
-                      cache, 0, select=last)
+    out = model.apply({"params": params}, tokens, q + padding_positions(valid), prefill_mask, neuron_mult,
+                      cache, q, select=last)
     first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
-    prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [B]: rotary position of the first new token
+    prompt_len = q + valid.sum(axis=1).astype(jnp.int32)  # [B]: rotary position of the first new token
 
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
@@ -53,9 +62,9 @@ def greedy_generate_fn(params, tokens, valid, neuron_mult, eos_ids, *, cfg: Mode
         i, cache, tok, generated, done = state
         generated = generated.at[:, i].set(tok)
         done = done | is_eos(tok)
-        mask = (kv_valid & (slot_ids <= t + i))[:, None, :]  # [B, 1, S]
+        mask = (kv_valid & (slot_ids <= q + t + i))[:, None, :]  # [B, 1, S]
         step = model.apply({"params": params}, tok[:, None], (prompt_len + i)[:, None], mask, neuron_mult,
-                           cache, t + i)
+                           cache, q + t + i)
         nxt = jnp.argmax(step.logits[:, 0], axis=-1).astype(jnp.int32)
         # Finished rows keep emitting their EOS so outputs are well defined.
         nxt = jnp.where(done, tok, nxt)
@@ -86,24 +95,41 @@ class Generations:
     tokens: list[list[int]]  # up to and including the EOS
 
 
+# Suffix batches are bucketed to multiples of this (finer than the default 32: suffixes are short;
+# coarser than collection's 8 because each generation shape costs a longer compile).
+GENERATE_LENGTH_MULTIPLE = 16
+
+
 def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = None, max_new_tokens: int = 150,
-             batch_size: int = 32, progress: bool = True, desc: str = "generating") -> Generations:
-    """Greedy generations for any number of prompts, in fixed-shape batches (bucketed prompt lengths)."""
+             batch_size: int = 32, progress: bool = True, desc: str = "generating",
+             share_prefix: bool = True) -> Generations:
+    """Greedy generations for any number of prompts, in fixed-shape batches (bucketed prompt lengths).
+
+    share_prefix: with >= 2 prompts, the longest token prefix all encoded prompts share (the chat
+      template's system header, typically) is run once per batch at batch 1 and the rows prefill only
+      their own suffixes (``greedy_generate_fn``'s ``prefix_tokens``): the same computation under
+      causal attention, so the same greedy tokens up to float rounding.
+    """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to generate from")
     ids = lm.encode(prompts)
+    shared = shared_prefix_length(ids) if share_prefix else 0
+    prefix = jnp.asarray(ids[0][:shared], jnp.int32) if shared else None
+    rows_ids = [x[shared:] for x in ids] if shared else ids
     eos = jnp.asarray(lm.eos_ids() or (lm.pad_id(),), jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     texts: list[str] = [""] * len(prompts)
     toks: list[list[int]] = [[]] * len(prompts)
-    for rows, tokens, valid in padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple()):
+    length_multiple = GENERATE_LENGTH_MULTIPLE if shared else 32
+    for rows, tokens, valid in padded_batches(rows_ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple(),
+                                              length_multiple):
         if lm.layout is None:
-            out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, dtype=lm.dtype,
+            out, num = greedy_generate(lm.params, tokens, valid, mult, eos, prefix, cfg=lm.cfg, dtype=lm.dtype,
                                        max_new_tokens=max_new_tokens)
         else:
             out, num = lm.sharded("generate", max_new_tokens=max_new_tokens)(
-                lm.params, *lm.global_batch(tokens, valid), mult, eos)
+                lm.params, *lm.global_batch(tokens, valid), mult, eos, prefix)
         out, num = lm.to_host(out), lm.to_host(num)
         for j, r in enumerate(rows):
             toks[r] = out[j, :num[j]].tolist()

@@ -195,6 +195,28 @@ def bucket(n: int, multiple: int = 32) -> int:
     return 1 << (n - 1).bit_length()
 
 
+# Below this many shared tokens a separate prefix pass is not worth its compile.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]], keep: int = 1, minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Length of the longest token prefix common to every list, capped so that every suffix keeps at
+    least ``keep`` (>= 1) tokens; 0 when that is shorter than ``minimum`` or there are fewer than 2 lists."""
+    if len(ids) < 2:
+        return 0
+    shortest = min(map(len, ids))
+    first = np.asarray(ids[0][:shortest])
+    n = shortest
+    for x in ids[1:]:
+        diff = np.flatnonzero(np.asarray(x[:n]) != first[:n])
+        if len(diff):
+            n = int(diff[0])
+        if n == 0:
+            break
+    n = min(n, shortest - max(1, keep))
+    return n if n >= max(1, minimum) else 0
+
+
 def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress: bool = False,
                    desc: str = "", multiple: int = 1, length_multiple: int = 32):
     """Yields (row indices, tokens [B, T], valid [B, T]) over token lists sorted by length (less padding).

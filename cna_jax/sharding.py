@@ -389,12 +389,12 @@ def sharded_forward(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> Shar
 
 def sharded_generate(cfg: ModelConfig, layout: Layout, dtype=jnp.float32, max_new_tokens: int = 150
                      ) -> ShardedFunction:
-    """Greedy generation: ``(params, tokens, valid, neuron_mult | None, eos_ids) -> (new_tokens [B,N],
-    num_generated [B])``; the KV cache lives in ``layout.cache()`` shardings."""
+    """Greedy generation: ``(params, tokens, valid, neuron_mult | None, eos_ids[, prefix_tokens [Q] | None])
+    -> (new_tokens [B,N], num_generated [B])``; the KV cache lives in ``layout.cache()`` shardings."""
     from cna_jax.generate import greedy_generate_fn
 
     in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.sharding(("layers", "neurons")),
-             layout.replicated())
+             layout.replicated(), layout.replicated())
     out_sh = (layout.batch(2), layout.batch(1))
     return ShardedFunction(greedy_generate_fn, layout, in_sh, out_sh,
                            {"cfg": cfg, "dtype": dtype, "max_new_tokens": max_new_tokens})

@@ -5,7 +5,7 @@ import torch
 
 from cna_jax import convert
 from cna_jax.generate import generate, greedy_generate
-from cna_jax.lm import LM, bucket, left_pad
+from cna_jax.lm import LM, bucket, left_pad, shared_prefix_length
 from cna_jax.neurons import multiplier
 from hf_models import save_tiny
 
@@ -51,6 +51,15 @@ def _smollm2_batch(lm, prompts):
     return left_pad(ids, bucket(max(map(len, ids))), lm.pad_id())
 
 
+def _shared_prefix_batch(lm, prompts):
+    """(suffix tokens, valid, prefix tokens): the prompts' common chat header split off."""
+    ids = lm.encode(prompts)
+    q = shared_prefix_length(ids)
+    assert q >= 8  # SmolLM2's system header
+    tokens, valid = left_pad([x[q:] for x in ids], bucket(max(len(x) - q for x in ids), 16), lm.pad_id())
+    return tokens, valid, np.asarray(ids[0][:q], np.int32)
+
+
 def test_smollm2_greedy_matches_hf_generate(smollm2_lm, smollm2_hf):
     """17 prompts of mixed length in one left-padded batch, 64 new tokens, fp32."""
     lm = smollm2_lm
@@ -59,6 +68,10 @@ def test_smollm2_greedy_matches_hf_generate(smollm2_lm, smollm2_hf):
     eos = lm.eos_ids()
     out, num = greedy_generate(lm.params, tokens, valid, None, np.asarray(eos), cfg=lm.cfg, max_new_tokens=64)
     ref = _hf_generate(smollm2_hf, tokens, valid, eos, lm.pad_id(), 64)
+    _compare(np.asarray(out), np.asarray(num), ref, eos)
+    # The same prompts through the shared-prefix path (the chat header run once at batch 1).
+    st, sv, prefix = _shared_prefix_batch(lm, PROMPTS)
+    out, num = greedy_generate(lm.params, st, sv, None, np.asarray(eos), prefix, cfg=lm.cfg, max_new_tokens=64)
     _compare(np.asarray(out), np.asarray(num), ref, eos)
 
 
@@ -82,6 +95,10 @@ def test_smollm2_masked_greedy_matches_hf_with_zeroed_columns(smollm2_lm, smollm
         for layer, i in pairs:
             hf.model.layers[layer].mlp.down_proj.weight[:, i] = 0.0
     ref = _hf_generate(hf, tokens, valid, tuple(eos.tolist()), lm.pad_id(), 32)
+    _compare(np.asarray(out), np.asarray(num), ref, tuple(eos.tolist()))
+    # Shared-prefix path: the multiplier applies to the prefix pass too.
+    st, sv, prefix = _shared_prefix_batch(lm, prompts)
+    out, num = greedy_generate(lm.params, st, sv, mult, eos, prefix, cfg=lm.cfg, max_new_tokens=32)
     _compare(np.asarray(out), np.asarray(num), ref, tuple(eos.tolist()))
 
 

@@ -118,6 +118,27 @@ def test_sharded_collect_with_shared_prefix(tiny, shape):
     np.testing.assert_allclose(np.asarray(plain[2]), np.asarray(want[2]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 1, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_generate_with_shared_prefix(tiny, shape):
+    """Generation with a shared prefix (batch-1 pass copied into every row's first cache slots) on a mesh =
+    one device with the prefix = one device on the full prompts."""
+    path, cfg, params, x, _ = tiny
+    rng = np.random.default_rng(4)
+    prefix = rng.integers(4, cfg.vocab_size, 6).astype(np.int32)
+    suffixes = [rng.integers(4, cfg.vocab_size, n).tolist() for n in [5, 9, 12, 3, 7, 12, 2, 10]]
+    tokens, valid = left_pad(suffixes, 12, 0)
+    full_tokens, full_valid = left_pad([prefix.tolist() + s for s in suffixes], 18, 0)
+    want = greedy_generate(params, full_tokens, full_valid, x["mult"], x["eos"], cfg=cfg, max_new_tokens=NEW)
+    got1 = greedy_generate(params, tokens, valid, x["mult"], x["eos"], prefix, cfg=cfg, max_new_tokens=NEW)
+    layout = S.make_layout(cfg, S.make_mesh(shape), "generation", kv_heads=KV[shape], batch=8)
+    _, sharded_params = convert.load(path, shardings=lambda c: layout.params(c))
+    got = S.sharded_generate(cfg, layout, max_new_tokens=NEW)(sharded_params, tokens, valid, x["mult"], x["eos"],
+                                                              prefix)
+    for g, g1, w in zip(got, got1, want):
+        np.testing.assert_array_equal(np.asarray(g1), np.asarray(w))
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_kv_replicate_fallback_generation(tiny):
     path, cfg, _, x, ref = tiny
     layout = S.make_layout(cfg, S.make_mesh((1, 1, 8)), "generation", kv_heads="replicate")

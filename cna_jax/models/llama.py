@@ -259,6 +259,25 @@ class Decoder(nn.Module):
         return DecoderOutput(logits.astype(jnp.float32), cache, neurons_out)
 
 
+def prefix_cache(model: "Decoder", params, prefix_tokens: jax.Array, neuron_mult=None) -> KVCache:
+    """Keys and values ``[L, 1, K, Q, D]`` of tokens that every row of a batch starts with (a shared
+    chat-template header), from one batch-1 pass with the same neuron multiplier.
+
+    prefix_tokens: [Q] int. Under a sharded layout the batch-1 cache cannot take the layout's
+    batch-split constraint, so it is traced unconstrained; the rows that continue from it carry the
+    batch split of their own inputs."""
+    q = prefix_tokens.shape[0]
+    token = CACHE_SHARDING.set(None)
+    try:
+        out = model.apply({"params": params}, prefix_tokens[None].astype(jnp.int32),
+                          jnp.arange(q, dtype=jnp.int32)[None], jnp.tril(jnp.ones((q, q), bool))[None],
+                          neuron_mult, cache=KVCache.zeros(model.cfg, 1, q, model.dtype), cache_slot=0,
+                          return_logits=False)
+    finally:
+        CACHE_SHARDING.reset(token)
+    return out.cache
+
+
 def padding_positions(valid: jax.Array) -> jax.Array:
     """Rotary positions for left-padded rows: ``cumsum(valid) - 1``, 0 at padding. valid: [B, T] bool."""
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
