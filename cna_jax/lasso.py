@@ -318,14 +318,17 @@ def lasso_path_dense(
                 sii = lax.dynamic_slice(s, (i0, i0), (bs, bs))
                 di = lax.dynamic_slice_in_dim(diag, i0, bs, 0)
 
-                def coord(kk, cc):
-                    bi_, gi_ = cc
-                    old = bi_[kk]
-                    new = _soft(old * di[kk] + gi_[kk], lam) / di[kk] * mi[kk]
-                    gi_ = gi_ - sii[:, kk][:, None] * (new - old)[None, :]
-                    return bi_.at[kk].set(new), gi_
+                # Same carry as the candidate solver's sweep: the next row of the updated block
+                # gradient travels with it (reading gi_[kk] from the gi_ being rewritten makes XLA copy
+                # the whole [bs, nodes] block every coordinate step). sii is symmetric: row kk = column kk.
+                def coord(cc, xs):
+                    gi_, gk = cc
+                    kk, srow, old, dk, wk = xs
+                    new = _soft(old * dk + gk, lam) / dk * wk
+                    gi_ = gi_ - srow[:, None] * (new - old)[None, :]
+                    return (gi_, gi_[jnp.minimum(kk + 1, bs - 1)]), new
 
-                bi_new, _ = lax.fori_loop(0, bs, coord, (bi, gi))
+                _, bi_new = lax.scan(coord, (gi, gi[0]), (jnp.arange(bs), sii, bi, di, mi))
                 si = lax.dynamic_slice_in_dim(s, i0, bs, 1)  # [features, bs]
                 g = g - si @ (bi_new - bi)
                 return lax.dynamic_update_slice_in_dim(b, bi_new, i0, 0), g
