@@ -257,6 +257,39 @@ def screen_arrays(x, st: GraphSettings):
     return dict(z=z, gram=gram, constant=const, cand=cand, cand_mask=cmask)
 
 
+def fold_problems(z, cand, cmask, fold_ids, fold: int):
+    """CV fold ``fold``'s candidate problems: (train, validation) ``gather_candidates`` triples from the
+    full-data standardisation z [rows, nodes] (folds share it and the λ grid)."""
+    n, p = z.shape
+    w = (fold_ids != fold).astype(z.dtype)
+    n_tr = jnp.maximum(jnp.sum(w), 1.0)
+    n_va = jnp.maximum(n - jnp.sum(w), 1.0)
+    g_tr = (z * w[:, None]).T @ z / n_tr
+    g_va = (z * (1.0 - w)[:, None]).T @ z / n_va
+    nodes = jnp.arange(p)
+    return lasso.gather_candidates(g_tr, cand, cmask, nodes), lasso.gather_candidates(g_va, cand, cmask, nodes)
+
+
+def choose(path, cv_loss, grid, cand, cmask, const, n_rows: int, st: GraphSettings):
+    """Per-node λ (by ``st.criterion``; ``cv_loss [lambdas, nodes]`` is used by CV only) and the merged
+    graph: the :func:`select_arrays` dict."""
+    p = cand.shape[0]
+    nodes = jnp.arange(p)
+    if st.criterion in ("ebic", "bic"):
+        gamma = st.ebic_gamma if st.criterion == "ebic" else 0.0
+        # Model space = all p - 1 other nodes: the prescreen is itself a data-driven search over them.
+        crit = lasso.information_criterion(path.rss, path.df, n_rows, jnp.full((p,), p - 1), gamma)
+        idx = lasso.select_index(crit)
+    elif st.criterion == "cv":
+        idx = lasso.select_index(cv_loss)
+    else:  # fixed: the grid ends at fixed_lambda
+        idx = jnp.full((p,), st.n_lambdas - 1, jnp.int32)
+    coef = path.coef[idx, nodes]  # [p, K]
+    directed = lasso.directed_adjacency(coef * cmask, cand, p)
+    return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=grid[nodes, idx],
+                n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
+
+
 def select_arrays(z, gram, const, cand, cmask, fold_ids, st: GraphSettings):
     """Stage 2: LASSO paths over candidates [p, K], per-node λ, merge. fold_ids [rows] (CV only).
 
@@ -265,36 +298,17 @@ def select_arrays(z, gram, const, cand, cmask, fold_ids, st: GraphSettings):
     and λ), constant [p] bool.
     """
     n, p = z.shape
-    nodes = jnp.arange(p)
-    sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, nodes)
-    lam_max = jnp.max(jnp.abs(xty), axis=1)
-    grid = _grid(lam_max, st)
+    sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, jnp.arange(p))
+    grid = _grid(jnp.max(jnp.abs(xty), axis=1), st)
     path = lasso.lasso_path_candidates(sub, xty, yty, cmask, grid, st.tol, max_iter=st.max_iter)
-    if st.criterion in ("ebic", "bic"):
-        gamma = st.ebic_gamma if st.criterion == "ebic" else 0.0
-        # Model space = all p - 1 other nodes: the prescreen is itself a data-driven search over them.
-        crit = lasso.information_criterion(path.rss, path.df, n, jnp.full((p,), p - 1), gamma)
-        idx = lasso.select_index(crit)
-    elif st.criterion == "cv":
-        # Folds share the full-data standardisation and λ grid; held-out loss from held-out Grams.
+    loss = None
+    if st.criterion == "cv":
         loss = jnp.zeros_like(path.rss)
         for f in range(st.cv_folds):
-            w = (fold_ids != f).astype(z.dtype)
-            n_tr = jnp.maximum(jnp.sum(w), 1.0)
-            n_va = jnp.maximum(n - jnp.sum(w), 1.0)
-            g_tr = (z * w[:, None]).T @ z / n_tr
-            g_va = (z * (1.0 - w)[:, None]).T @ z / n_va
-            s_tr, c_tr, y_tr = lasso.gather_candidates(g_tr, cand, cmask, nodes)
-            s_va, c_va, y_va = lasso.gather_candidates(g_va, cand, cmask, nodes)
+            (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(z, cand, cmask, fold_ids, f)
             pf = lasso.lasso_path_candidates(s_tr, c_tr, y_tr, cmask, grid, st.tol, max_iter=st.max_iter)
             loss = loss + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
-        idx = lasso.select_index(loss)
-    else:  # fixed: the grid ends at fixed_lambda
-        idx = jnp.full((p,), st.n_lambdas - 1, jnp.int32)
-    coef = path.coef[idx, nodes]  # [p, K]
-    directed = lasso.directed_adjacency(coef * cmask, cand, p)
-    return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=grid[nodes, idx],
-                n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
+    return choose(path, loss, grid, cand, cmask, const, n, st)
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,14 +320,15 @@ def _batched(st: GraphSettings):
     return dense, screen, select
 
 
-def _k_bucket(count: int, k: int) -> int:
-    """Candidate width actually solved: next power of two >= the widest node, capped at k. Solving
-    padding costs K^2 per node and sweep, and sparse data often has far fewer than k candidates;
-    buckets keep recompiles to a handful."""
+def solved_width(cand_mask, min_k: int = 1) -> int:
+    """Candidate width actually solved for cand_mask [..., p, k]: the next power of two >= the widest
+    node, at least ``min_k``, at most k. Solving padding costs K^2 per node and sweep, and sparse data
+    often has far fewer than k candidates; powers of two keep recompiles to a handful."""
+    width, widest = cand_mask.shape[-1], int(jnp.max(jnp.sum(cand_mask, axis=-1)))
     b = 1
-    while b < count:
+    while b < widest:
         b *= 2
-    return max(1, min(b, k))
+    return min(max(b, min_k, 1), width)
 
 
 def fit_graph_batch(xs, fold_ids, st: GraphSettings, min_k: int = 1):
@@ -325,8 +340,7 @@ def fit_graph_batch(xs, fold_ids, st: GraphSettings, min_k: int = 1):
     if not st.prescreen:
         return dict(dense(xs), k_solved=xs.shape[-1] - 1)
     s = screen(xs)
-    width = s["cand"].shape[-1]
-    k = min(max(_k_bucket(int(jnp.max(jnp.sum(s["cand_mask"], axis=-1))), width), min_k), width)
+    k = solved_width(s["cand_mask"], min_k)
     out = select(s["z"], s["gram"], s["constant"], s["cand"][..., :k], s["cand_mask"][..., :k], fold_ids)
     return dict(out, k_solved=k)
 

@@ -506,9 +506,9 @@ def sharded_fit_graph(layout: Layout, settings=None) -> Callable:
     the node axis split over every device: ``x [rows, nodes] -> dict`` of NumPy arrays (adjacency,
     directed, lam, n_candidates, max_gap, constant, k_solved).
 
-    The screen (standardise, Gram, BH prescreen) is ``graph.screen_arrays`` and λ selection / merging
-    use ``cna_jax.lasso``'s functions, as ``graph.select_arrays`` does; the path solves (the cost) go
-    through :func:`sharded_lasso`.
+    The screen, the CV folds' problems and λ selection / merging are ``graph``'s own functions
+    (``screen_arrays``, ``fold_problems``, ``choose``), as in ``graph.select_arrays``; the path solves
+    (the cost) go through :func:`sharded_lasso`.
     """
     from cna_jax import graph, lasso
 
@@ -518,39 +518,13 @@ def sharded_fit_graph(layout: Layout, settings=None) -> Callable:
                             "(the dense all-node solver runs on one device through cna_jax.graph.fit_graph)")
     solver = sharded_lasso(layout, st.max_iter)
     screen_j = jax.jit(lambda x: graph.screen_arrays(x, st))
+    fold_problems = jax.jit(graph.fold_problems, static_argnames=("fold",))
+    choose = jax.jit(functools.partial(graph.choose, st=st), static_argnames=("n_rows",))
 
     @jax.jit
     def problems(gram, cand, cmask):
         sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, jnp.arange(gram.shape[0]))
         return sub, xty, yty, graph._grid(jnp.max(jnp.abs(xty), axis=1), st)
-
-    @functools.partial(jax.jit, static_argnames=("fold",))
-    def fold_problems(z, cand, cmask, fold_ids, fold):
-        n, p = z.shape
-        w = (fold_ids != fold).astype(z.dtype)
-        n_tr = jnp.maximum(jnp.sum(w), 1.0)
-        n_va = jnp.maximum(n - jnp.sum(w), 1.0)
-        g_tr = (z * w[:, None]).T @ z / n_tr
-        g_va = (z * (1.0 - w)[:, None]).T @ z / n_va
-        nodes = jnp.arange(p)
-        return lasso.gather_candidates(g_tr, cand, cmask, nodes), lasso.gather_candidates(g_va, cand, cmask, nodes)
-
-    @functools.partial(jax.jit, static_argnames=("n",))
-    def finish(path, loss, grid, cand, cmask, const, n):
-        p = cand.shape[0]
-        nodes = jnp.arange(p)
-        if st.criterion in ("ebic", "bic"):
-            gamma = st.ebic_gamma if st.criterion == "ebic" else 0.0
-            crit = lasso.information_criterion(path.rss, path.df, n, jnp.full((p,), p - 1), gamma)
-            idx = lasso.select_index(crit)
-        elif st.criterion == "cv":
-            idx = lasso.select_index(loss)
-        else:
-            idx = jnp.full((p,), st.n_lambdas - 1, jnp.int32)
-        coef = path.coef[idx, nodes]
-        directed = lasso.directed_adjacency(coef * cmask, cand, p)
-        return dict(adjacency=lasso.merge(directed, st.merge), directed=directed, lam=grid[nodes, idx],
-                    n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
 
     def fit(x, check: bool = True):
         if check:
@@ -559,19 +533,19 @@ def sharded_fit_graph(layout: Layout, settings=None) -> Callable:
             xj = jnp.asarray(x, st.dtype)
             n = xj.shape[0]
             s = screen_j(xj)
-            width = s["cand"].shape[-1]
-            k = min(max(graph._k_bucket(int(jnp.max(jnp.sum(s["cand_mask"], axis=-1))), width), 1), width)
+            k = graph.solved_width(s["cand_mask"])
             cand, cmask = s["cand"][:, :k], s["cand_mask"][:, :k]
             sub, xty, yty, grid = problems(s["gram"], cand, cmask)
             path = solver(sub, xty, yty, cmask, grid, st.tol)
-            loss = jnp.zeros_like(path.rss)
+            loss = None
             if st.criterion == "cv":
+                loss = jnp.zeros_like(path.rss)
                 folds = jnp.asarray(graph._fold_ids(n, st.cv_folds, np.random.default_rng(st.seed)))
                 for f in range(st.cv_folds):
-                    (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(s["z"], cand, cmask, folds, f)
+                    (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(s["z"], cand, cmask, folds, fold=f)
                     pf = solver(s_tr, c_tr, y_tr, cmask, grid, st.tol)
                     loss = loss + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
-            out = finish(path, loss, grid, cand, cmask, s["constant"], n)
+            out = choose(path, loss, grid, cand, cmask, s["constant"], n_rows=n)
             return dict({name: np.asarray(v) for name, v in out.items()}, k_solved=k)
 
     fit.solver = solver

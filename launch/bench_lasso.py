@@ -136,7 +136,7 @@ def bench_pre(p, runs, sk_nodes, rng):
     gram = exact_gram(x)  # the same float32 Gram goes to both solvers
     gram_j = jnp.asarray(gram)
     cand, cmask, _ = G.prescreen(gram_j, _N, 0.05, 50)
-    k = G._k_bucket(int(cmask.sum(1).max()), 50)  # the width the pipeline solves
+    k = G.solved_width(cmask)  # the width the pipeline solves
     cand, cmask = cand[:, :k], cmask[:, :k]
     nodes = jnp.arange(p)
 
