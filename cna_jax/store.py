@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cna_jax.distributed import is_writer
+
 
 def config_hash(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (ConfigDicts are converted)."""
@@ -33,15 +35,8 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _is_writer() -> bool:
-    """Only process 0 writes (multi-host runs share one workdir)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _atomic_write_json(path: str, obj: Any) -> None:
-    if not _is_writer():
+    if not is_writer():  # multi-host runs share one workdir
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

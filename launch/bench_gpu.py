@@ -57,16 +57,6 @@ def _spec_bandwidth(kind: str) -> tuple[float, str]:
     return float("nan"), "unknown"
 
 
-def load_config_file(path: str):
-    """``get_config()`` of a config file under configs/ (an ml_collections ConfigDict)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def _median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -163,6 +153,7 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from cna_jax.config import load_config_file
     from cna_jax.models.config import from_hf_dict
 
     dev = jax.devices()[0]
