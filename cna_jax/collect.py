@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, padded_batches, shared_prefix_length
+from cna_jax.lm import LM, padded_batches, split_shared_prefix
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions, prefix_cache
 
@@ -195,11 +195,8 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     ids = lm.encode(prompts)
     if position == "last_k" and min(map(len, ids)) < last_k:
         raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
-    shared = 0
-    if share_prefix and position != "all":
-        shared = shared_prefix_length(ids, keep=last_k if position == "last_k" else 1)
-    prefix = jnp.asarray(ids[0][:shared], jnp.int32) if shared else None
-    rows_ids = [x[shared:] for x in ids] if shared else ids
+    prefix, rows_ids, shared = split_shared_prefix(ids, keep=last_k if position == "last_k" else 1,
+                                                   share=share_prefix and position != "all")
     node_index = jnp.asarray(flat_cols, jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)

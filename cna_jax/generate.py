@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, padded_batches, shared_prefix_length
+from cna_jax.lm import LM, padded_batches, split_shared_prefix
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, KVCache, constrain_cache, padding_positions, prefix_cache
 
@@ -114,9 +114,7 @@ def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = No
     if not prompts:
         raise ValueError("no prompts to generate from")
     ids = lm.encode(prompts)
-    shared = shared_prefix_length(ids) if share_prefix else 0
-    prefix = jnp.asarray(ids[0][:shared], jnp.int32) if shared else None
-    rows_ids = [x[shared:] for x in ids] if shared else ids
+    prefix, rows_ids, shared = split_shared_prefix(ids, share=share_prefix)
     eos = jnp.asarray(lm.eos_ids() or (lm.pad_id(),), jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     texts: list[str] = [""] * len(prompts)

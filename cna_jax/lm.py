@@ -217,6 +217,15 @@ def shared_prefix_length(ids: Sequence[Sequence[int]], keep: int = 1, minimum: i
     return n if n >= max(1, minimum) else 0
 
 
+def split_shared_prefix(ids: Sequence[Sequence[int]], keep: int = 1, share: bool = True):
+    """(prefix tokens [Q] int32 or None, the lists without it, Q): the :func:`shared_prefix_length`
+    every list starts with, split off so it can run once; Q = 0 (nothing split) when ``share`` is False."""
+    q = shared_prefix_length(ids, keep) if share else 0
+    if not q:
+        return None, ids, 0
+    return jnp.asarray(ids[0][:q], jnp.int32), [x[q:] for x in ids], q
+
+
 def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress: bool = False,
                    desc: str = "", multiple: int = 1, length_multiple: int = 32):
     """Yields (row indices, tokens [B, T], valid [B, T]) over token lists sorted by length (less padding).

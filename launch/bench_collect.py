@@ -44,8 +44,8 @@ def main(argv):
     import transformers
 
     from cna_jax import data
-    from cna_jax.collect import COLLECT_LENGTH_MULTIPLE, collect, collect_batch, shared_prefix_length
-    from cna_jax.lm import bucket, left_pad, padded_batches
+    from cna_jax.collect import COLLECT_LENGTH_MULTIPLE, collect, collect_batch
+    from cna_jax.lm import bucket, left_pad, padded_batches, shared_prefix_length
     from cna_jax.models.llama import Decoder, causal_mask, padding_positions
 
     F = flags.FLAGS
