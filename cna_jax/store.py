@@ -67,6 +67,11 @@ class Stage:
     def done(self) -> bool:
         return os.path.exists(os.path.join(self.path, "done.json"))
 
+    def seconds(self) -> float:
+        """How long the finished stage took when it was computed (0 when not recorded)."""
+        with open(os.path.join(self.path, "done.json")) as f:
+            return json.load(f).get("seconds") or 0.0
+
     def save(self, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
              seconds: float | None = None) -> None:
         """Writes the arrays (Orbax), the metadata (JSON), then the completion marker."""

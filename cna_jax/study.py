@@ -70,6 +70,14 @@ def prepare_prompts(c) -> Prompts:
     return Prompts(list(tr_h), list(tr_b), list(ev_h)[:n_eval], list(ev_b)[:n_eval])
 
 
+def discover_kwargs(c) -> dict:
+    """``cna.discover`` settings from a study config's ``cna`` and ``collect`` sections."""
+    n = c.cna
+    return dict(k=n.k, fraction=n.fraction, exclude_layers=tuple(n.exclude_layers), positive_only=n.positive_only,
+                drop_universal=n.drop_universal, position=n.position, last_k=n.last_k,
+                batch_size=c.collect.batch_size)
+
+
 def null_subsets(pool: NeuronSet, subset_idx: np.ndarray, n: int, family: str, seed: int):
     """Null subsets of the CNA pool, the size of the graph subset.
 
@@ -147,8 +155,7 @@ class Study:
     def _run_stage(self, name: str, key_parts: tuple, fn):
         stage = Stage(self.workdir, name, config_hash(*key_parts))
         if stage.done:
-            with open(os.path.join(stage.path, "done.json")) as f:
-                self.timings[name] = json.load(f).get("seconds") or 0.0  # when it was computed
+            self.timings[name] = stage.seconds()  # when it was computed
             log.info("stage %s: reused (%s)", name, stage.path)
             return stage
         self.on_stage(name)
@@ -169,11 +176,8 @@ class Study:
         c = self.c
 
         def run(stage):
-            ns, delta = cna_lib.discover(
-                self.lm("instruct"), self.prompts.train_harmful, self.prompts.train_harmless, k=c.cna.k,
-                fraction=c.cna.fraction, exclude_layers=tuple(c.cna.exclude_layers), positive_only=c.cna.positive_only,
-                drop_universal=c.cna.drop_universal, position=c.cna.position, last_k=c.cna.last_k,
-                batch_size=c.collect.batch_size, cache_dir=self.cache_dir, progress=self.progress)
+            ns, delta = cna_lib.discover(self.lm("instruct"), self.prompts.train_harmful, self.prompts.train_harmless,
+                                         cache_dir=self.cache_dir, progress=self.progress, **discover_kwargs(c))
             arrays = {"delta": delta.astype(np.float32), "layers": ns.layers, "indices": ns.indices, "deltas": ns.deltas}
             return arrays, {"num_layers": ns.num_layers, "intermediate_size": ns.intermediate_size,
                             "report": ns.report(), "meta": ns.meta}
@@ -186,6 +190,9 @@ class Study:
         self.delta = arrays["delta"]
         return ns
 
+    def _key_acts(self, side: str):
+        return (self._key_cna(), self.c.model[side], self.c.collect)
+
     def stage_acts(self, side: str, pool: NeuronSet) -> dict[str, np.ndarray]:
         c = self.c
 
@@ -197,7 +204,7 @@ class Study:
             b = collect(lm, self.prompts.train_harmless, desc=f"{side}: harmless", **kw).node_acts
             return {"harmful": h, "harmless": b}, {"side": side, "n_pairs": len(h)}
 
-        stage = self._run_stage(f"acts-{side}", (self._key_cna(), c.model[side], c.collect), run)
+        stage = self._run_stage(f"acts-{side}", self._key_acts(side), run)
         return stage.load()[0]
 
     def stage_graph(self, kind: str, acts: dict[str, np.ndarray], pool: NeuronSet, acts_key) -> graph_lib.StabilityResult:
@@ -281,7 +288,7 @@ class Study:
         acts = {side: self.stage_acts(side, pool) for side in ("instruct", "base")}
         graphs = {}
         for kind, (side, _) in GRAPHS.items():
-            graphs[kind] = self.stage_graph(kind, acts[side], pool, (self._key_cna(), c.model[side], c.collect))
+            graphs[kind] = self.stage_graph(kind, acts[side], pool, self._key_acts(side))
         largest = bool(c.graph.largest_component)
         subsets = {k: graph_lib.connected_subset(graphs[k].adjacency, largest) for k in ("contrast_instruct",
                                                                                         "harmful_instruct")}

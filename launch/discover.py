@@ -31,18 +31,15 @@ def main(argv):
     from cna_jax import config as config_lib
     from cna_jax.cna import discover
     from cna_jax.lm import LM
-    from cna_jax.study import prepare_prompts
+    from cna_jax.study import discover_kwargs, prepare_prompts
 
     config_lib.validate(c)
     prompts = prepare_prompts(c)  # fails fast on empty / missing prompt sets
     t = time.time()
     lm = LM.load(c.model[F.side], dtype=getattr(jnp, c.model.dtype), chat=F.side == "instruct", progress=F.progress)
     os.makedirs(F.workdir, exist_ok=True)
-    neurons, delta = discover(lm, prompts.train_harmful, prompts.train_harmless, k=c.cna.k, fraction=c.cna.fraction,
-                              exclude_layers=tuple(c.cna.exclude_layers), positive_only=c.cna.positive_only,
-                              drop_universal=c.cna.drop_universal, position=c.cna.position, last_k=c.cna.last_k,
-                              batch_size=c.collect.batch_size, cache_dir=os.path.join(F.workdir, "cache"),
-                              progress=F.progress)
+    neurons, delta = discover(lm, prompts.train_harmful, prompts.train_harmless,
+                              cache_dir=os.path.join(F.workdir, "cache"), progress=F.progress, **discover_kwargs(c))
     neurons.save(os.path.join(F.workdir, "neuron_set.json"))
     np.save(os.path.join(F.workdir, "delta.npy"), delta)
     report = (f"# CNA neurons: {c.model[F.side]}\n\n{len(prompts.train_harmful)} harmful / "
