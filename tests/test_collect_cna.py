@@ -1,6 +1,4 @@
 """Activation collection vs HF's down_proj input (forward pre-hook); CNA selection."""
-import glob
-import importlib.util
 import os
 
 import numpy as np
@@ -169,16 +167,10 @@ def test_cna_recovers_planted_neurons():
 
 
 def _config_files():
-    out = {}
-    for f in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
-        spec = importlib.util.spec_from_file_location(os.path.basename(f)[:-3], f)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        if hasattr(mod, "get_config"):
-            c = mod.get_config()
-            if "model" in c:
-                out[c.name] = c
-    return out
+    from cna_jax.config import config_strings, load_config_file
+
+    configs = [load_config_file(s) for s in config_strings(os.path.join(ROOT, "configs"))]
+    return {c.name: c for c in configs}
 
 
 SEED_COUNTS = {"Llama-3.2-1B": 132, "Llama-3.2-3B": 230, "Llama-3.1-8B": 459, "Llama-3.1-70B": 2294,
@@ -209,7 +201,7 @@ def test_discover_launch_script_end_to_end(tmp_path):
 
     out = tmp_path / "disc"
     cmd = [sys.executable, os.path.join(ROOT, "launch", "discover.py"), "--config", os.path.join(ROOT, "configs",
-           "smollm2_135m.py"), "--config.data.n_pairs=40", f"--workdir={out}", "--noprogress"]
+           "pairs.py:smollm2_135m"), "--config.data.n_pairs=40", f"--workdir={out}", "--noprogress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from cna_jax.neurons import NeuronSet
@@ -226,8 +218,11 @@ def test_subset_collect_is_sliced_from_cached_all_neuron_collection(smollm2_lm, 
     sliced = collect(smollm2_lm, prompts, nodes=nodes, cache_dir=str(tmp_path), progress=False)
     assert sliced.meta.get("sliced_from") == full.meta["key"]
     direct = collect(smollm2_lm, prompts, nodes=nodes, progress=False)  # no cache: a real pass
-    np.testing.assert_allclose(sliced.node_acts, direct.node_acts, atol=1e-5)
-    np.testing.assert_allclose(sliced.mean, direct.mean, atol=1e-5)
+    # Two passes over differently shaped batches (all neurons vs a node set): XLA may pick other kernels,
+    # so the float32 sums of 576 products differ in their last bits; activations reach O(10), where a
+    # float32 ulp is ~1e-6 (the same bound as the other cross-path comparisons here).
+    np.testing.assert_allclose(sliced.node_acts, direct.node_acts, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(sliced.mean, direct.mean, atol=1e-4, rtol=1e-5)
 
 
 def test_universal_neuron_filter(smollm2_lm):

@@ -231,8 +231,14 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     assert got["k_solved"] == want["k_solved"]
     for key in ("adjacency", "directed", "n_candidates", "constant"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    np.testing.assert_allclose(got["lam"], want["lam"], rtol=1e-6)
-    np.testing.assert_allclose(got["max_gap"], want["max_gap"], rtol=1e-6)
+    # λ grids start at max |x_j . y| / n: a float32 sum of 160 products whose order follows the kernel and
+    # the sharding; its relative error is bounded by ~n * eps = 2e-5, and ~sqrt(n) * eps in practice.
+    np.testing.assert_allclose(got["lam"], want["lam"], rtol=2e-5)
+    # The duality gap is a difference of two O(1) objectives (standardised columns: y.y/n = 1), so its
+    # last bits follow the reduction order (seen: 9.6058e-05 vs 9.6118e-05 on an AVX2-only machine).
+    # What matters: both solves certify the tolerance, and agree to a few float32 ulps of the objective.
+    assert got["max_gap"] <= st.tol and want["max_gap"] <= st.tol
+    np.testing.assert_allclose(got["max_gap"], want["max_gap"], rtol=0, atol=2e-6)
 
     # The batched solver itself: node axis padded to a multiple of 8 and split, same path as one device.
     xj = jnp.asarray(graph.standardize(jnp.asarray(lasso_data, jnp.float32))[0])
@@ -245,8 +251,16 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     ref = lasso.lasso_path_candidates(sub, xty, yty, cmask, grid, 1e-4)
     res = fit.solver(sub, xty, yty, cmask, grid, 1e-4)
     assert res.coef.shape == ref.coef.shape
-    for name in ref._fields:
-        np.testing.assert_array_equal(np.asarray(getattr(res, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    # Each node's solve is independent (no cross-device reduction), but the per-device batch may pick
+    # other CPU kernels, so floats may differ in their last bits: the supports and non-zero counts are
+    # compared exactly; coefficients and RSS (O(1) for standardised data) at a few hundred float32 ulps;
+    # both gaps certify the tolerance; sweep counts (work, not results) within one sweep.
+    np.testing.assert_array_equal(np.asarray(res.coef) != 0, np.asarray(ref.coef) != 0)
+    np.testing.assert_array_equal(np.asarray(res.df), np.asarray(ref.df))
+    np.testing.assert_allclose(np.asarray(res.coef), np.asarray(ref.coef), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.rss), np.asarray(ref.rss), rtol=0, atol=1e-5)
+    assert np.all(np.asarray(res.gap) <= 1e-4) and np.all(np.asarray(ref.gap) <= 1e-4)
+    assert np.abs(np.asarray(res.n_iter) - np.asarray(ref.n_iter)).max() <= 1
     # Each device solved its own block of nodes: the coefficients come back split over all 8.
     assert len({s.device for s in res.coef.addressable_shards}) == 8 or shape == (8, 1, 1)
 
