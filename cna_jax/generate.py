@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax.lm import LM, padded_batches, split_shared_prefix
+from cna_jax import engine
+from cna_jax.lm import LM, split_shared_prefix
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, KVCache, constrain_cache, padding_positions, prefix_cache
 
@@ -103,33 +104,20 @@ GENERATE_LENGTH_MULTIPLE = 16
 def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = None, max_new_tokens: int = 150,
              batch_size: int = 32, progress: bool = True, desc: str = "generating",
              share_prefix: bool = True) -> Generations:
-    """Greedy generations for any number of prompts, in fixed-shape batches (bucketed prompt lengths).
+    """Greedy generations for any number of prompts under one neuron multiplier ``[L, I]`` (or none).
 
-    share_prefix: with >= 2 prompts, the longest token prefix all encoded prompts share (the chat
-      template's system header, typically) is run once per batch at batch 1 and the rows prefill only
-      their own suffixes (``greedy_generate_fn``'s ``prefix_tokens``): the same computation under
-      causal attention, so the same greedy tokens up to float rounding.
+    Runs the continuous-batching engine (:func:`cna_jax.engine.run`) with one condition and
+    ``batch_size`` slots. share_prefix: with >= 2 prompts, the longest token prefix all encoded prompts
+    share (the chat template's header, typically) runs once and every row continues from its keys and
+    values: the same computation under causal attention, so the same greedy tokens up to float rounding.
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to generate from")
     ids = lm.encode(prompts)
-    prefix, rows_ids, shared = split_shared_prefix(ids, share=share_prefix)
-    eos = jnp.asarray(lm.eos_ids() or (lm.pad_id(),), jnp.int32)
-    mult = lm.multiplier_array(neuron_mult)
-    texts: list[str] = [""] * len(prompts)
-    toks: list[list[int]] = [[]] * len(prompts)
-    length_multiple = GENERATE_LENGTH_MULTIPLE if shared else 32
-    for rows, tokens, valid in padded_batches(rows_ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple(),
-                                              length_multiple):
-        if lm.layout is None:
-            out, num = greedy_generate(lm.params, tokens, valid, mult, eos, prefix, cfg=lm.cfg, dtype=lm.dtype,
-                                       max_new_tokens=max_new_tokens)
-        else:
-            out, num = lm.sharded("generate", max_new_tokens=max_new_tokens)(
-                lm.params, *lm.global_batch(tokens, valid), mult, eos, prefix)
-        out, num = lm.to_host(out), lm.to_host(num)
-        for j, r in enumerate(rows):
-            toks[r] = out[j, :num[j]].tolist()
-            texts[r] = lm.decode(toks[r])
-    return Generations(prompts, texts, toks)
+    prefix, rows_ids, _ = split_shared_prefix(ids, share=share_prefix)
+    toks = engine.run(lm, [(r, 0) for r in rows_ids], [engine.Condition(neuron_mult=neuron_mult)],
+                      max_new_tokens=max_new_tokens, slots=batch_size,
+                      prefix=None if prefix is None else np.asarray(prefix).tolist(), progress=progress, desc=desc,
+                      length_multiple=GENERATE_LENGTH_MULTIPLE)
+    return Generations(prompts, [lm.decode(t) for t in toks], toks)

@@ -54,10 +54,45 @@ class KVCache(NamedTuple):
         return cls(constrain_cache(jnp.zeros(shape, dtype)), constrain_cache(jnp.zeros(shape, dtype)))
 
 
+class Intervention(NamedTuple):
+    """Per-row interventions: a table of C stacked conditions and each row's index into it.
+
+    neuron_mult: [C, L, I] float32 -- multiplies ``silu(gate_proj(x)) * up_proj(x)`` (1 = unchanged);
+    direction: [C, E] float32 -- a unit residual direction r per condition (zeros when unused);
+    ablate: [C] float32 -- 1: project r out of the residual stream at every layer input and of every
+      attention and MLP output (directional ablation), 0: nothing;
+    add: [C, L] float32 -- alpha: ``x + alpha * r`` at the input of layer l (activation addition);
+    cond: [B] int32 -- each row's condition.
+    Rows gather their condition's slice one layer at a time ([B, I] live per layer, never [B, L, I]).
+    Neutral entries (mult 1, ablate 0, add 0) leave the computation bit-identical: ``x - 0*p*r == x``.
+    """
+
+    neuron_mult: jax.Array
+    direction: jax.Array
+    ablate: jax.Array
+    add: jax.Array
+    cond: jax.Array
+
+    def layer_mult(self, layer: int) -> jax.Array:
+        """[B, I]: every row's neuron multiplier at ``layer``."""
+        return jnp.take(self.neuron_mult[:, layer], self.cond, axis=0)
+
+    def steer(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Per-row (direction [B, E], ablate [B], add [B, L])."""
+        return tuple(jnp.take(a, self.cond, axis=0) for a in (self.direction, self.ablate, self.add))
+
+
+def ablate_direction(x: jax.Array, r: jax.Array, a: jax.Array) -> jax.Array:
+    """``x - a (x . r) r`` per row, in float32. x: [B, T, E]; r: [B, E] unit; a: [B]."""
+    proj = jnp.einsum("bte,be->bt", x.astype(jnp.float32), r)
+    return (x.astype(jnp.float32) - (a[:, None] * proj)[..., None] * r[:, None, :]).astype(x.dtype)
+
+
 class DecoderOutput(NamedTuple):
     logits: jax.Array | None  # [B, T or P, V] float32
     cache: KVCache | None
     neurons: jax.Array | None  # [L, B, T or P, I]: silu(gate) * up, after the multiplier
+    residuals: jax.Array | None = None  # [L, B, T or P, E]: what each layer reads (after any input steering)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -169,7 +204,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, neuron_mult):
-        """x: [B, T, E]; neuron_mult: [I] or None. Returns (out [B, T, E], neurons [B, T, I])."""
+        """x: [B, T, E]; neuron_mult: [I] (every row), [B, I] (per row) or None.
+        Returns (out [B, T, E], neurons [B, T, I])."""
         def dense(name, features, axes):
             return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name,
                             kernel_init=_param_init(_dense_init, axes))
@@ -177,7 +213,8 @@ class MLP(nn.Module):
         i = self.cfg.intermediate_size
         hidden = nn.silu(dense("gate_proj", i, ("embed", "mlp"))(x)) * dense("up_proj", i, ("embed", "mlp"))(x)
         if neuron_mult is not None:
-            hidden = hidden * neuron_mult.astype(hidden.dtype)
+            mult = neuron_mult if neuron_mult.ndim == 1 else neuron_mult[:, None, :]
+            hidden = hidden * mult.astype(hidden.dtype)
         return dense("down_proj", self.cfg.hidden_size, ("mlp", "embed"))(hidden), hidden
 
 
@@ -186,13 +223,18 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot, prefix=None):
+    def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot, prefix=None, ablate=None):
+        """ablate: None or (direction [B, E], weight [B]): project the direction out of both block outputs."""
         eps = self.cfg.rms_norm_eps
         attn, cache = Attention(self.cfg, self.dtype, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache, layer, cache_slot, prefix)
+        if ablate is not None:
+            attn = ablate_direction(attn, *ablate)
         x = x + attn
         mlp, neurons = MLP(self.cfg, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), neuron_mult)
+        if ablate is not None:
+            mlp = ablate_direction(mlp, *ablate)
         return x + mlp, cache, neurons
 
 
@@ -214,7 +256,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
                  cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False,
-                 prefix: KVCache | None = None):
+                 prefix: KVCache | None = None, intervention: Intervention | None = None,
+                 return_residuals: bool = False):
         """
         tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
         attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
@@ -224,18 +267,36 @@ class Decoder(nn.Module):
         prefix: KVCache ``[L, 1 or B, K, Q, D]`` or None (not with ``cache``): keys and values of a prefix
           every row continues (e.g. the cache a batch-1 run of shared tokens wrote); read, never written.
           attn_mask then covers S = Q + T slots (prefix first) and positions continue from the prefix's.
+        intervention: per-row conditions (:class:`Intervention`), instead of ``neuron_mult``.
+        return_residuals: also return the residual stream each layer reads ``[L, B, T or P, E]`` (at
+          ``select`` when given): HF's ``hidden_states[l]``, after this layer's input steering if any.
         """
         cfg = self.cfg
         if prefix is not None and cache is not None:
             raise ValueError("give either a cache or a prefix, not both")
+        if intervention is not None and neuron_mult is not None:
+            raise ValueError("give either neuron_mult (every row) or intervention (per row), not both")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
         x = embed(tokens)
-        all_neurons = []
+        all_neurons, all_residuals = [], []
+        ablate = None
+        if intervention is not None:
+            direction, weight, add = intervention.steer()
+            ablate = (direction, weight)
         for layer in range(cfg.num_hidden_layers):
-            mult = None if neuron_mult is None else neuron_mult[layer]
+            if intervention is None:
+                mult = None if neuron_mult is None else neuron_mult[layer]
+            else:
+                mult = intervention.layer_mult(layer)
+                # The residual entering the layer: r projected out (ablation), then alpha * r added.
+                x = ablate_direction(x, direction, weight)
+                x = x + (add[:, layer, None, None] * direction[:, None, :]).astype(x.dtype)
+            if return_residuals:
+                # Gathered here, as for the neurons below, so full [B, T, E] copies need not stay alive.
+                all_residuals.append(x if select is None else _take_positions(x, select))
             x, cache, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
-                x, positions, attn_mask, mult, cache, layer, cache_slot, prefix)
+                x, positions, attn_mask, mult, cache, layer, cache_slot, prefix, ablate)
             if return_neurons:
                 if select is None:
                     all_neurons.append(neurons)
@@ -246,8 +307,9 @@ class Decoder(nn.Module):
                     x, picked = jax.lax.optimization_barrier((x, _take_positions(neurons, select)))
                     all_neurons.append(picked)
         neurons_out = jnp.stack(all_neurons) if return_neurons else None
+        residuals_out = jnp.stack(all_residuals) if return_residuals else None
         if not return_logits:
-            return DecoderOutput(None, cache, neurons_out)
+            return DecoderOutput(None, cache, neurons_out, residuals_out)
         if select is not None:
             x = _take_positions(x, select)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
@@ -256,7 +318,7 @@ class Decoder(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                               kernel_init=_param_init(_dense_init, ("embed", "vocab")), name="lm_head")(x)
-        return DecoderOutput(logits.astype(jnp.float32), cache, neurons_out)
+        return DecoderOutput(logits.astype(jnp.float32), cache, neurons_out, residuals_out)
 
 
 def prefix_cache(model: "Decoder", params, prefix_tokens: jax.Array, neuron_mult=None) -> KVCache:

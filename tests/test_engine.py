@@ -1,0 +1,135 @@
+"""The continuous-batching engine against HF ``generate``: per-row conditions, more rows than slots, rows
+ending at different steps; on one device and on a (4, 1, 2) mesh of 8 simulated CPU devices.
+
+The reference for a row under condition c is HF greedy ``generate`` with a ``down_proj`` forward
+pre-hook that multiplies its input (the neurons) by c's multiplier -- independent code from ours."""
+import numpy as np
+import pytest
+import torch
+
+from cna_jax import convert, engine, sharding as S
+from cna_jax.lm import LM, bucket, left_pad, split_shared_prefix
+from hf_models import save_tiny
+from test_generate import PROMPTS
+
+
+def _hooked(hf, mult):
+    """Registers down_proj pre-hooks multiplying the neurons by ``mult`` [L, I]; returns the handles."""
+    handles = []
+    for layer, m in enumerate(mult):
+        scale = torch.tensor(m)
+        handles.append(hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, scale=scale: (args[0] * scale,)))
+    return handles
+
+
+def _hf_rows(hf, ids, mult, n, eos, pad):
+    """HF greedy continuations (cut after the first EOS) of token lists under one multiplier."""
+    tokens, valid = left_pad(ids, bucket(max(map(len, ids))), pad)
+    handles = [] if mult is None else _hooked(hf, mult)
+    try:
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
+                              attention_mask=torch.tensor(valid.astype(np.int64)), max_new_tokens=n,
+                              do_sample=False, eos_token_id=list(eos) if eos else None, pad_token_id=pad)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for r in out[:, tokens.shape[1]:].numpy().tolist():
+        cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+        rows.append(r[:cut])
+    return rows
+
+
+def _random_mult(cfg, seed, n):
+    rng = np.random.default_rng(seed)
+    m = np.ones((cfg.num_hidden_layers, cfg.intermediate_size), np.float32)
+    m[rng.integers(2 % cfg.num_hidden_layers, cfg.num_hidden_layers, n), rng.integers(0, cfg.intermediate_size, n)] = 0
+    return m
+
+
+def test_smollm2_mixed_conditions_match_hf_per_row(smollm2_lm, smollm2_hf):
+    """24 rows (8 prompts x none / ablation A / ablation B), 6 slots, chunks of 4 steps, 32 new tokens."""
+    lm = smollm2_lm
+    n, prompts = 32, PROMPTS[:8]
+    conds = [None, _random_mult(lm.cfg, 0, 900), _random_mult(lm.cfg, 1, 3000)]
+    ids = lm.encode(prompts)
+    prefix, suffixes, q = split_shared_prefix(ids)
+    assert q >= 8  # the chat header runs once per condition
+    rows = [(suffixes[j], c) for c in (2, 0, 1) for j in range(len(prompts))]  # condition order mixed
+    got = engine.run(lm, rows, [engine.Condition(m) for m in conds], max_new_tokens=n, slots=6, chunk=4,
+                     prefix=np.asarray(prefix).tolist())
+    eos = lm.eos_ids()
+    want = {c: _hf_rows(smollm2_hf, ids, conds[c], n, eos, lm.pad_id()) for c in range(3)}
+    for (tok, c), out in zip(rows, got):
+        assert out == want[c][suffixes.index(tok)], (c, suffixes.index(tok))
+    lengths = {len(x) for x in got}
+    assert len(lengths) >= 3 and min(lengths) < n  # rows really end at different steps
+    assert want[1] != want[0] and want[2] != want[0]  # the ablations change generations
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    """A tiny random Llama (8 heads, 4 KV heads), 20 rows over 3 conditions and the HF reference tokens.
+
+    A random model rarely emits a particular EOS, so the EOS id is chosen from HF's own unlimited
+    continuations: the token that first appears mid-generation in the most rows, so rows end at
+    different steps."""
+    path, hf = save_tiny(tmp_path_factory.mktemp("engine"), "llama", num_attention_heads=8, num_key_value_heads=4)
+    hf.generation_config.eos_token_id = None  # unlimited continuations; our EOS is chosen below
+    cfg, params = convert.load(path)
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(4, cfg.vocab_size, 6).tolist()
+    suffixes = [rng.integers(4, cfg.vocab_size, k).tolist() for k in [5, 9, 12, 3, 7, 12, 2, 10, 4, 6]]
+    ids = [prefix + s for s in suffixes]
+    n = 12
+    conds = [None, _random_mult(cfg, 2, 60), _random_mult(cfg, 3, 150)]
+    free = {c: _hf_rows(hf, ids, conds[c], n, (), 0) for c in range(3)}
+    first = {}
+    for c in range(3):
+        for r in free[c]:
+            for i, t in enumerate(r[:n - 2]):
+                if i >= 1 and t not in r[:i]:
+                    first[t] = first.get(t, 0) + 1
+    eos = min(first, key=lambda t: (-first[t], t))
+    want = {c: [r[:r.index(eos) + 1] if eos in r else r for r in free[c]] for c in range(3)}
+    rows = [(suffixes[j], c) for j in range(len(suffixes)) for c in (0, 1, 2)][:20]
+    return path, cfg, params, prefix, rows, conds, eos, want, suffixes
+
+
+def _check_tiny(lm, job):
+    _, _, _, prefix, rows, conds, eos, want, suffixes = job
+    got = engine.run(lm, rows, [engine.Condition(m) for m in conds], max_new_tokens=12, slots=8, chunk=3,
+                     prefix=prefix, eos_ids=[eos], pad_id=0)
+    for (tok, c), out in zip(rows, got):
+        assert out == want[c][suffixes.index(tok)], (c, suffixes.index(tok))
+    assert len({len(x) for x in got}) >= 3 and len(rows) > 8
+
+
+def test_tiny_mixed_conditions_single_device(tiny_job):
+    _, cfg, params, *_ = tiny_job
+    _check_tiny(LM(cfg, params, tokenizer=None, chat=False), tiny_job)
+
+
+def test_tiny_mixed_conditions_on_a_4x1x2_mesh(tiny_job):
+    path, cfg, *_ = tiny_job
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    _, params = convert.load(path, shardings=lambda c: layout.params(c))
+    _check_tiny(LM(cfg, params, tokenizer=None, chat=False, layout=layout), tiny_job)
+
+
+def test_condition_table_bucketing_and_bad_input(tiny_job):
+    _, cfg, params, *_ = tiny_job
+    mult, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition()] * 3)
+    assert mult.shape[0] == 4 and np.all(mult == 1) and not ablate.any() and not add.any()
+    with pytest.raises(ValueError, match="neuron_mult has shape"):
+        engine.stack_conditions(cfg, [engine.Condition(np.ones((2, 2)))])
+    with pytest.raises(ValueError, match="need a direction"):
+        engine.stack_conditions(cfg, [engine.Condition(ablate=True)])
+    with pytest.raises(ValueError, match="out of range"):
+        engine.stack_conditions(cfg, [engine.Condition(direction=np.ones(cfg.hidden_size), add={99: 1.0})])
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+    with pytest.raises(ValueError, match="names condition 3"):
+        engine.run(lm, [([5, 6], 3)], [engine.Condition()], eos_ids=[1], pad_id=0)
+    assert engine.insert_sizes(32) == [8, 32] and engine.insert_sizes(3) == [1, 3]
