@@ -6,21 +6,16 @@ Study settings are sized for a 2-core CPU (the whole study in <= 30 minutes); to
 Keep data.eval_fraction=0.3 and data.seed=0 (the testbed Recipe's split): the testbed was trained on that
 split's train part, so another split would put training prompts into the study's held-out set.
 """
-from cna_jax.config import study_config
+import os
 
-# HF shape numbers of SmolLM2-135M(-Instruct) (its config.json; the testbed keeps them unchanged).
-SHAPE = dict(
-    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-    rms_norm_eps=1e-05,
-    rope_theta=100000.0,
-    rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=8192,
-)
+from cna_jax.config import load_config_file
 
 
 def get_config():
-    c = study_config(name="SmolLM2-135M testbed", base="smollm2", instruct="testbed", shape=SHAPE,
-                     dtype="float32")
+    # The SmolLM2-135M row of configs/pairs.py (shape numbers; the testbed keeps them unchanged), with the
+    # testbed's two models.
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairs.py:smollm2_135m"))
+    c.name, c.model.base, c.model.instruct = "SmolLM2-135M testbed", "smollm2", "testbed"
     c.model.base_chat = True  # the "base" is itself a chat model: both sides get the chat template
     # Sized for a 2-core CPU (S1: the whole study <= 30 min, testbed build included): the method's 30
     # resamples; 20 + 20 nulls (the method's 30 + 30 with --config.nulls.n_layer_matched=30 etc.) on 48

@@ -1,4 +1,4 @@
-"""D1 / D2 of PERFORMANCE.md on one GPU: an 8B-shaped Llama (configs/llama_3_1_8b.py) with random bf16
+"""D1 / D2 of PERFORMANCE.md on one GPU: an 8B-shaped Llama (configs/pairs.py:llama_3_1_8b) with random bf16
 weights, greedy decoding through the jitted ``greedy_generate_fn`` (one jit, ``lax.while_loop``).
 
 D1: batch 1, 128-token prompt. The decode time per token is (time for 128 in / N+1 out - time for
@@ -30,7 +30,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "configs/llama_3_1_8b.py", "model config file (its shape is used)")
+flags.DEFINE_string("config", "configs/pairs.py:llama_3_1_8b", "model config string (its shape is used)")
 flags.DEFINE_integer("repeats", 5, "timed runs per measurement (median)")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens")
 flags.DEFINE_integer("d1_new", 256, "new tokens for D1")

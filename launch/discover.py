@@ -1,7 +1,7 @@
 """CNA neuron discovery for one model: collect activations, rank neurons, write the set and a report.
 
-    python launch/discover.py --config=configs/smollm2_135m.py --workdir=workdir/discover
-    python launch/discover.py --config=configs/qwen2_5_7b.py --config.cna.positive_only=True --side=instruct
+    python launch/discover.py --workdir=workdir/discover          # SmolLM2-135M-Instruct, offline
+    python launch/discover.py --config=configs/pairs.py:qwen2_5_7b --config.cna.positive_only=True --side=instruct
 
 Collections are cached under <workdir>/cache, so a rerun with the same inputs does no model work.
 """
@@ -13,7 +13,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Model / study config file.")
+config_flags.DEFINE_config_file("config", "configs/pairs.py:smollm2_135m",
+                                "Model / study config (dotted overrides allowed).")
 flags.DEFINE_string("workdir", "workdir/discover", "Output directory.")
 flags.DEFINE_enum("side", "instruct", ["instruct", "base"], "Which model of the pair to analyse.")
 flags.DEFINE_bool("progress", True, "Progress bars.")

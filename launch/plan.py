@@ -1,13 +1,17 @@
 """Plan a model on a mesh without weights: AOT-compile generation and collection on abstract shapes and
 report per-device memory (parameters, KV cache, temporaries) from the compiled programs.
 
-    # Llama-3.1-70B, bf16, tensor=8, batch 64 x 2k context, on 8 x 80 GB:
-    python launch/plan.py --config=configs/llama_3_1_70b.py --target=gpu-8x80
-    # the same model on a TPU v5e-16 (16 x 16 GB): tries several layouts and batch sizes
-    python launch/plan.py --config=configs/llama_3_1_70b.py --target=v5e-16
+    # the config's own mesh and target (Llama-3.1-70B: preset gpu-8x80, tensor=8 on 8 x 80 GB)
+    python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --batch=64
+    # another preset: TPU v5e-16 (16 x 16 GB), trying batch sizes largest first
+    python launch/plan.py --config=configs/pairs.py:qwen2_5_72b --config.mesh.preset=v5e-16 --batches=16,8
     # any mesh / memory by hand
-    python launch/plan.py --config=configs/qwen2_5_72b.py --config.mesh.data=1 --config.mesh.tensor=8 \
-        --batch=64 --context=2048 --device_memory_gb=80
+    python launch/plan.py --config=configs/pairs.py:qwen2_5_72b --config.mesh.data=1 --config.mesh.tensor=8 \
+        --config.mesh.devices=8 --batch=64 --context=2048 --device_memory_gb=80
+
+The target is the config's: its mesh preset's devices and memory per device (``cna_jax.config.MESH_PRESETS``);
+without a preset, ``config.mesh.devices`` devices (-1: one) of ``--device_memory_gb``. The mesh is checked
+against the target's device count and the model before anything is compiled.
 
 Parameters are ``jax.ShapeDtypeStruct`` leaves carrying their ``NamedSharding``; nothing is
 allocated. When the machine has fewer accelerators than the mesh needs, the programs are compiled for
@@ -31,33 +35,23 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "model/study config file under configs/", lock_config=True)
-flags.DEFINE_string("target", "", "named target: gpu-8x80 (8 x 80 GB) or v5e-16 (16 x 16 GB); "
-                    "empty = the config's mesh section with --device_memory_gb")
-flags.DEFINE_integer("batch", 64, "sequences per batch")
+config_flags.DEFINE_config_file("config", None, "config string, e.g. configs/pairs.py:llama_3_1_70b", lock_config=True)
+flags.DEFINE_integer("batch", -1, "sequences per batch; -1 = config.generation.batch_size")
+flags.DEFINE_list("batches", [], "batch sizes to try (instead of --batch), largest first, up to the first that fits")
 flags.DEFINE_integer("context", 2048, "KV cache slots = prompt + new tokens (generation); tokens (collection)")
 flags.DEFINE_integer("new_tokens", -1, "new tokens per generation; -1 = config.generation.max_new_tokens")
 flags.DEFINE_integer("nodes", 1000, "neurons read per row by the collection program")
-flags.DEFINE_float("device_memory_gb", 80.0, "memory per device (1e9 bytes)")
+flags.DEFINE_float("device_memory_gb", -1.0, "memory per device (1e9 bytes); -1 = the preset's, or 80")
 flags.DEFINE_float("headroom", 0.10, "fraction of device memory to keep free")
-flags.DEFINE_string("kv_heads", "", "fallback when KV heads don't divide tensor: replicate | batch")
 flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
 flags.DEFINE_string("compile_dtype", "auto", "dtype to compile in: auto (float32 for a bf16 model on CPU "
                     "devices: the CPU compiler keeps float32 copies of bf16 weights), model, or a dtype name")
-flags.DEFINE_list("batches", [], "named targets: batch sizes to try, largest first (default: the target's list)")
-flags.DEFINE_bool("all_layouts", False, "named targets: plan every layout, not only up to the first that fits")
 flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
 
 GB = 1e9
-
-# Named targets: device count, memory per device, and the layouts (mesh, rules, kv fallback) to try.
-TARGETS = {
-    "gpu-8x80": dict(devices=8, memory_gb=80.0, layouts=[((1, 1, 8), "generation", None)], batches=None),
-    "v5e-16": dict(devices=16, memory_gb=16.0, layouts=[
-        ((1, 2, 8), "fsdp", None),  # weights over all 16 chips (embed on fsdp); cache on kv heads x batch
-        ((1, 1, 16), "generation", "batch"),  # tensor=16; k/v projections replicated, cache split on batch
-    ], batches=(64, 32, 16, 8)),
-}
+# The planner reads only the memory analysis, which buffer assignment fixes before LLVM code generation:
+# CPU compiles skip LLVM's optimisations (about 3x faster, identical figures; tests/test_plan.py checks).
+CPU_PLAN_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass
@@ -178,7 +172,8 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     else:
         raise ValueError(f"unknown program {program!r} (generation, collection)")
     t = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
+    compiled = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None)
     compile_s = time.perf_counter() - t
     ma = compiled.memory_analysis()
 
@@ -229,51 +224,61 @@ def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=
     return out
 
 
-def plan_target(cfg, target: str, *, batch: int, context: int, new_tokens: int, dtype, headroom: float,
-                programs, nodes: int, log=print, compile_dtype="auto", batches=None,
-                all_layouts: bool = False) -> list[ProgramPlan]:
-    """The layouts of a named target in order, each at the largest batch (of ``batches`` or the
-    target's list, <= ``batch``) that fits; stops at the first layout that fits unless ``all_layouts``."""
-    from cna_jax.sharding import ShardingError
+def target(study) -> tuple[dict, int, float]:
+    """The config's mesh (``cna_jax.config.mesh_settings``), the device count and the memory per device
+    (GB, None without a preset) it is planned for."""
+    from cna_jax.config import MESH_PRESETS, mesh_settings
 
-    spec = TARGETS[target]
+    mesh = mesh_settings(study)
+    preset = MESH_PRESETS.get(mesh["preset"])
+    devices = mesh["devices"] if mesh["devices"] != -1 else preset["devices"] if preset else 1
+    return mesh, devices, preset["memory_gb"] if preset else None
+
+
+def plan_config(study, *, batches: Sequence[int] = (), context: int = 2048, new_tokens: int = -1,
+                device_memory_gb: float = -1.0, headroom: float = 0.10, programs=("generation", "collection"),
+                nodes: int = 1000, compile_dtype="auto", log=print) -> list[ProgramPlan]:
+    """Plans a study config on its own target (:func:`target`): validates it against the target's device
+    count (mesh sizes, divisibility, with the numbers in the error), then plans each batch of ``batches``
+    (default: config.generation.batch_size), largest first, stopping at the first where every program fits."""
+    import jax.numpy as jnp
+
+    from cna_jax.config import check_mesh, validate
+
+    mesh, devices, preset_gb = target(study)
+    validate(study)
+    cfg = model_config(study)
+    sizes = check_mesh(cfg, mesh, devices)
+    memory = device_memory_gb if device_memory_gb > 0 else preset_gb or 80.0
+    new_tokens = new_tokens if new_tokens >= 0 else int(study.generation.max_new_tokens)
     results = []
-    for mesh_shape, rules, kv in spec["layouts"]:
-        fitted = False
-        for b in batches or spec["batches"] or (batch,):
-            if b > batch:
-                continue
-            try:
-                res = plan(cfg, mesh_shape, rules, kv_heads=kv, batch=b, context=context, new_tokens=new_tokens,
-                           dtype=dtype, device_memory_gb=spec["memory_gb"], headroom=headroom, programs=programs,
-                           nodes=nodes, compile_dtype=compile_dtype)
-            except ShardingError as e:
-                log(f"layout {mesh_shape} {rules} kv={kv} batch={b}: {e}")
-                continue
-            for r in res:
-                log(r.row())
-            results.extend(res)
-            if all(r.fits for r in res):
-                fitted = True
-                break
-        if fitted and not all_layouts:
+    for b in sorted(batches or [int(study.generation.batch_size)], reverse=True):
+        res = plan(cfg, sizes, mesh["rules"], kv_heads=mesh["kv_heads"], batch=b, context=context,
+                   new_tokens=new_tokens, dtype=jnp.dtype(study.model.dtype), device_memory_gb=memory,
+                   headroom=headroom, programs=programs, nodes=nodes, compile_dtype=compile_dtype)
+        for r in res:
+            log(r.row())
+        results.extend(res)
+        if all(r.fits for r in res):
             break
     return results
+
+
+def plan_config_file(path: str, **kwargs) -> list[dict]:
+    """:func:`plan_config` of a config string (``configs/pairs.py:qwen2_5_7b``), quietly; plain dicts, so
+    it can run in a worker process."""
+    from cna_jax.config import load_config_file
+
+    return [r.to_json() for r in plan_config(load_config_file(path), log=lambda row: None, **kwargs)]
 
 
 def main(argv):
     del argv
     study = FLAGS.config
     if study is None:
-        raise app.UsageError("--config=configs/<model>.py is required")
-    need = TARGETS[FLAGS.target]["devices"] if FLAGS.target else None
-    if FLAGS.target and FLAGS.target not in TARGETS:
-        raise app.UsageError(f"unknown --target {FLAGS.target!r} (known: {sorted(TARGETS)})")
-    if need is None:
-        from cna_jax.sharding import AXES
-        sizes = [int(study.mesh.get(a, 1)) for a in AXES]
-        need = math.prod(s for s in sizes if s > 0) if -1 not in sizes else None
-    if need and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        raise app.UsageError("--config=configs/pairs.py:<pair> (or another config file) is required")
+    _, need, _ = target(study)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Simulated CPU devices for planning on a machine without the hardware (before JAX starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={need}").strip()
@@ -287,51 +292,38 @@ def main(argv):
     dtype = jnp.dtype(study.model.dtype)
     compile_dtype = ("auto" if FLAGS.compile_dtype == "auto" else None if FLAGS.compile_dtype == "model"
                      else jnp.dtype(FLAGS.compile_dtype))
+    batches = [int(b) for b in FLAGS.batches] or [FLAGS.batch if FLAGS.batch > 0 else study.generation.batch_size]
     new_tokens = FLAGS.new_tokens if FLAGS.new_tokens >= 0 else int(study.generation.max_new_tokens)
+    mesh, _, _ = target(study)
     print(f"{study.name}: {cfg.num_params() / 1e9:.1f}B parameters, {dtype.name}, "
-          f"{cfg.num_params() * dtype.itemsize / GB:.1f} GB of weights; batch {FLAGS.batch}, context {FLAGS.context} "
-          f"(generation: prompt {FLAGS.context - new_tokens} + {new_tokens} new)")
+          f"{cfg.num_params() * dtype.itemsize / GB:.1f} GB of weights; {need} devices"
+          f"{' (preset ' + mesh['preset'] + ')' if mesh['preset'] else ''}; batch {','.join(map(str, batches))}, "
+          f"context {FLAGS.context} (generation: prompt {FLAGS.context - new_tokens} + {new_tokens} new)")
     print(HEADER)
-    if FLAGS.target:
-        results = plan_target(cfg, FLAGS.target, batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens,
-                              dtype=dtype, headroom=FLAGS.headroom, programs=FLAGS.programs, nodes=FLAGS.nodes,
-                              compile_dtype=compile_dtype, batches=[int(b) for b in FLAGS.batches] or None,
-                              all_layouts=FLAGS.all_layouts)
-    else:
-        sizes = tuple(int(study.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
-        from cna_jax.sharding import resolve_mesh_shape
-        if -1 in sizes:
-            import jax
-            sizes = resolve_mesh_shape(sizes, len(jax.devices()))
-        results = plan(cfg, sizes, study.mesh.get("rules", "generation"),
-                       kv_heads=FLAGS.kv_heads or study.mesh.get("kv_heads", None) or None,
-                       batch=FLAGS.batch, context=FLAGS.context, new_tokens=new_tokens, dtype=dtype,
-                       device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
-                       programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype)
-        for r in results:
-            print(r.row())
-    fitting = [r for r in results if r.fits]
+    results = plan_config(study, batches=batches, context=FLAGS.context, new_tokens=new_tokens,
+                          device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
+                          programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype)
     platform = results[0].platform if results else "?"
     note = ""
     if platform == "cpu":
         cd = results[0].compile_dtype
         note = (" (CPU compiler's memory analysis on simulated devices"
                 + (f"; temporaries from a {cd} compile, an upper bound for {dtype.name} on GPU/TPU)" if cd != dtype.name else ")"))
-    by_layout = {}
+    by_batch = {}
     for r in results:
-        by_layout.setdefault((r.mesh, r.rules, r.kv_heads, r.batch), []).append(r)
-    good = [k for k, rs in by_layout.items() if all(r.fits for r in rs)]
+        by_batch.setdefault(r.batch, []).append(r)
+    good = [b for b, rs in by_batch.items() if all(r.fits for r in rs)]
     if good:
-        mesh, rules, kv, b = good[0]
-        print(f"VERDICT: fits — mesh {mesh} rules {rules}{'' if not kv else ' kv_heads=' + kv}, batch {b}, "
-              f">= {100 * FLAGS.headroom:.0f}% headroom{note}")
+        r = by_batch[good[0]][0]
+        print(f"VERDICT: fits — mesh {r.mesh} rules {r.rules}{'' if not r.kv_heads else ' kv_heads=' + r.kv_heads}, "
+              f"batch {good[0]}, >= {100 * FLAGS.headroom:.0f}% headroom{note}")
     else:
         print(f"VERDICT: does not fit with {100 * FLAGS.headroom:.0f}% headroom{note}")
     if FLAGS.json_out and is_writer():
         with open(FLAGS.json_out, "w") as f:
-            json.dump(dict(model=study.name, target=FLAGS.target or None, results=[r.to_json() for r in results],
-                           fits=bool(good)), f, indent=1)
-    return 0 if fitting else 1
+            json.dump(dict(model=study.name, preset=mesh["preset"] or None, devices=need,
+                           results=[r.to_json() for r in results], fits=bool(good)), f, indent=1)
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

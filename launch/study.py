@@ -1,7 +1,8 @@
 """Run (or resume) the whole study for one (base, instruct) model pair.
 
     python launch/study.py --config=configs/smollm2_testbed.py --workdir=workdir/testbed
-    python launch/study.py --config=configs/llama_3_1_8b.py --config.generation.batch_size=64 --workdir=...
+    python launch/study.py --config=configs/pairs.py:llama_3_1_8b --config.generation.batch_size=64 --workdir=...
+    python launch/study.py --config=configs/pairs.py:qwen2_5_72b --config.mesh.preset=v5e-16 --workdir=...
 
 Every stage is checkpointed under --workdir; rerunning the same command skips finished stages and
 resumes an interrupted one. The report lands in <workdir>/report/.
@@ -22,9 +23,12 @@ def main(argv):
     del argv
     F = flags.FLAGS
     c = F.config
-    if c.get("distributed", False):
-        from cna_jax.distributed import initialize
-        initialize()
+    from cna_jax import distributed
+    distributed.initialize_from_config(c)  # first, before any JAX work (--config.distributed or local_cluster.py)
+    import jax
+
+    from cna_jax.config import validate
+    validate(c, devices=len(jax.devices()))  # the whole config, mesh included, before any weights load
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("cna_jax").setLevel(logging.INFO)  # stage lines; library chatter (orbax) stays quiet
     from cna_jax.study import Study
@@ -33,7 +37,8 @@ def main(argv):
     study = Study(c, F.workdir, progress=F.progress)
     results = study.run()
     report = os.path.join(F.workdir, "report", "report.md")
-    print(open(report).read())
+    if distributed.is_writer():  # one copy of the report, from the process that wrote it
+        print(open(report).read())
     print(f"study finished in {time.time() - t:.0f}s; report: {report}")
 
 

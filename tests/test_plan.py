@@ -1,5 +1,6 @@
 """The AOT planner on a small config: compiles generation and collection on abstract shapes (no
 weights) for a mesh of simulated devices and reports per-device memory with a verdict."""
+import json
 import os
 import subprocess
 import sys
@@ -49,19 +50,87 @@ def test_plan_rejects_non_dividing_mesh():
         planner.plan(cfg, (1, 1, 8), "generation", batch=8, context=64, new_tokens=16, programs=("generation",))
 
 
-def test_plan_cli(tmp_path):
+def test_cpu_compiler_options_keep_the_memory_analysis():
+    """Planning compiles on CPU without LLVM optimisations (CPU_PLAN_COMPILER_OPTIONS): the memory
+    analysis must be the one of a default compile."""
+    import jax
+
+    cfg = from_hf_dict(SHAPE)
+    layout = S.make_layout(cfg, S.make_mesh((2, 1, 4)), "collection")
+    sd = jax.ShapeDtypeStruct
+    b2 = layout.batch(2)
+    args = (S.abstract_sharded_params(cfg, layout, jnp.float32), sd((8, 64), jnp.int32, sharding=b2),
+            sd((8, 64), jnp.bool_, sharding=b2), sd((8, 1), jnp.int32, sharding=b2), sd((8, 1), jnp.bool_, sharding=b2),
+            sd((2, 256), jnp.float32, sharding=layout.sharding(("layers", "neurons"))),
+            sd((16,), jnp.int32, sharding=layout.replicated()))
+    lowered = S.sharded_collect(cfg, layout, jnp.float32).lower(*args)
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
+    default = lowered.compile().memory_analysis()
+    fast = lowered.compile(compiler_options=planner.CPU_PLAN_COMPILER_OPTIONS).memory_analysis()
+    assert [getattr(fast, f) for f in fields] == [getattr(default, f) for f in fields]
+
+
+def _small_config(tmp_path, preset="cpu-8"):
     conf = tmp_path / "small.py"
     conf.write_text(textwrap.dedent(f"""
         from cna_jax.config import study_config
         def get_config():
-            return study_config(name="small", base="b", instruct="i", dtype="bfloat16", shape={SHAPE!r})
+            c = study_config(name="small", base="b", instruct="i", dtype="bfloat16", shape={SHAPE!r})
+            c.mesh.preset = {preset!r}
+            c.generation.batch_size = 8
+            c.cna.exclude_layers = ()  # two layers only
+            return c
     """))
+    return str(conf)
+
+
+def test_plan_cli_plans_the_configs_own_mesh(tmp_path):
     out = tmp_path / "plan.json"
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")  # plan.py sets the device count itself
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", "plan.py"), f"--config={conf}", "--config.mesh.data=2",
-         "--config.mesh.tensor=4", "--batch=8", "--context=64", "--new_tokens=16", "--nodes=8",
-         "--device_memory_gb=1", f"--json_out={out}"], capture_output=True, text=True, env=env, timeout=300)
+        [sys.executable, os.path.join(ROOT, "launch", "plan.py"), f"--config={_small_config(tmp_path)}",
+         "--context=64", "--new_tokens=16", "--nodes=8", f"--json_out={out}"],
+        capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "VERDICT: fits" in proc.stdout and "| generation | 2x1x4 generation |" in proc.stdout
-    assert out.exists()
+    # cpu-8: 8 devices as (data=4, tensor=2), batch from config.generation.batch_size, 8 GB per device.
+    assert "VERDICT: fits" in proc.stdout and "| generation | 4x1x2 generation | 8 x 64 |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["preset"] == "cpu-8" and res["devices"] == 8 and res["fits"]
+    assert {r["device_memory"] for r in res["results"]} == {8 * 10**9}
+
+
+def test_plan_cli_rejects_a_mesh_that_does_not_divide_the_model(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "plan.py"), f"--config={_small_config(tmp_path)}",
+         "--config.mesh.data=1", "--config.mesh.tensor=8", "--context=64", "--new_tokens=16"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "num_key_value_heads=4" in proc.stderr and "tensor=8" in proc.stderr
+    assert "| generation |" not in proc.stdout  # failed before compiling anything
+
+
+def test_every_config_fits_its_default_target():
+    """Every config in configs/ (each row of configs/pairs.py, the testbed) planned by plan.py on its
+    own mesh and target at its own batch size, 2k context: abstract shapes, no weights. Compiling is
+    single-threaded and takes minutes for all (the 70B/72B programs unroll 80 layers), so two worker
+    processes share the configs, largest first."""
+    import concurrent.futures
+    import multiprocessing
+
+    from cna_jax.config import config_strings, load_config_file
+
+    paths = config_strings(os.path.join(ROOT, "configs"))
+    paths.sort(key=lambda p: -load_config_file(p).model.shape.num_hidden_layers)
+    # Spawned workers inherit the environment: conftest's 8 simulated CPU devices (enough for gpu-8x80).
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        plans = dict(zip(paths, pool.map(planner.plan_config_file, paths)))
+    verdicts = {os.path.basename(p): [(r["program"], tuple(r["mesh"]), r["batch"], round(r["total"] / 1e9, 1),
+                                       r["device_memory"] // 10**9, r["fits"]) for r in rows]
+                for p, rows in plans.items()}
+    assert len(verdicts) >= 11 and all(verdicts.values())
+    bad = {k: v for k, v in verdicts.items() if not all(r[-1] for r in v)}
+    assert not bad, bad
+    # The 70B/72B pairs default to tensor=8 on 8 x 80 GB (not all data-parallel, which cannot fit).
+    for big in ("pairs.py:llama_3_1_70b", "pairs.py:qwen2_5_72b"):
+        assert {(r[1], r[4]) for r in verdicts[big]} == {((1, 1, 8), 80)}, verdicts[big]
