@@ -44,8 +44,46 @@ def load_tokenizer(source: str):
 
     path = convert.resolve_source(resolve_alias(source))
     if path.endswith(".gguf"):
-        return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        return _gguf_tokenizer(path)
     return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _gguf_tokenizer(path: str):
+    """The tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, without torch.
+
+    transformers' own GGUF metadata reader imports torch, so the metadata is read here with the ``gguf``
+    package; the tokenizer itself is built by transformers' GGUF tokenizer converter, as that call does
+    (same vocabulary, merges, special tokens and chat template; tests/test_load.py compares the two)."""
+    import gguf
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocab, kwargs = groups["tokenizer"], groups["tokenizer_config"]
+    if vocab.get("tokenizer_type") == "llama":  # sentencepiece files without the flag: llama.cpp adds BOS
+        kwargs.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        index = meta.get(f"tokenizer.ggml.{key}")
+        kwargs[name] = vocab["tokens"][index] if index is not None else None
+    backend, extra = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), vocab)
+    return TokenizersBackend(tokenizer_object=backend, **kwargs, **extra)
+
+
+def _layout(cfg: ModelConfig, mesh_config):
+    """The mesh layout of a config ``mesh`` section, or None on one device (no mesh section, or 1 device)."""
+    import jax
+
+    n = -1 if mesh_config is None else int(mesh_config.get("devices", -1))
+    devices = jax.devices() if n == -1 else jax.devices()[:n]
+    if mesh_config is None or len(devices) < 2:
+        return None
+    from cna_jax import sharding
+
+    return sharding.layout_from_config(cfg, mesh_config, devices=devices)
 
 
 @dataclasses.dataclass
@@ -62,23 +100,32 @@ class LM:
     _sharded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, source: str, dtype=jnp.float32, chat: bool = True, mesh_config=None, progress: bool = False):
+    def load(cls, source: str, dtype=jnp.float32, chat: bool = True, mesh_config=None, progress: bool = False,
+             cache_dir: str | None = None):
         """Loads a model; with ``mesh_config`` (a config ``mesh`` section) over more than one device, each
-        device receives only its slice of every tensor and generation / collection run sharded."""
-        import jax
+        device receives only its slice of every tensor and generation / collection run sharded.
+
+        ``cache_dir``: keep a converted copy (Orbax params, config, tokenizer) there. The first load
+        converts as usual and saves it; later loads of the same source files and dtype restore it
+        straight into the shardings without opening the source (``cna_jax.checkpoint.cache_lookup``)."""
+        from cna_jax import checkpoint
 
         src = resolve_alias(source)
-        cfg, reader = convert.open_checkpoint(src)
-        layout = shardings = None
-        n = -1 if mesh_config is None else int(mesh_config.get("devices", -1))
-        devices = jax.devices() if n == -1 else jax.devices()[:n]
-        if mesh_config is not None and len(devices) > 1:
-            from cna_jax import sharding
-
-            layout = sharding.layout_from_config(cfg, mesh_config, devices=devices)
-            shardings = layout.params(cfg, dtype)
-        params = convert.load_params(reader, cfg, dtype, shardings=shardings, progress=progress)
-        return cls(cfg, params, load_tokenizer(src), chat=chat, dtype=dtype, name=source, layout=layout)
+        entry, cached = checkpoint.cache_lookup(cache_dir, src, dtype) if cache_dir else (None, False)
+        if cached:
+            cfg, _, _ = checkpoint.read_config(entry)
+            layout = _layout(cfg, mesh_config)
+            _, params = checkpoint.restore(entry, layout=layout, dtype=dtype)
+            tokenizer = load_tokenizer(checkpoint.tokenizer_dir(entry))
+        else:
+            cfg, reader = convert.open_checkpoint(src)
+            layout = _layout(cfg, mesh_config)
+            shardings = None if layout is None else layout.params(cfg, dtype)
+            params = convert.load_params(reader, cfg, dtype, shardings=shardings, progress=progress)
+            tokenizer = load_tokenizer(src)
+            if entry is not None:
+                checkpoint.save_cached(entry, params, cfg, dtype, tokenizer, meta=dict(source=src))
+        return cls(cfg, params, tokenizer, chat=chat, dtype=dtype, name=source, layout=layout)
 
     def sharded(self, kind: str, **static):
         """The sharded jitted function ``kind`` ("generate" | "collect") on this model's layout, cached."""
