@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax.distributed import agree, barrier, is_writer
 from cna_jax.lm import LM, padded_batches, split_shared_prefix
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions, prefix_cache
@@ -183,11 +184,12 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     flat_cols = node_arr[:, 0] * cfg.intermediate_size + node_arr[:, 1]  # into the flattened [L * I]
     key = cache_key(lm, prompts, position, last_k, node_arr, neuron_mult)
     path = None if cache_dir is None else os.path.join(cache_dir, f"activations-{key}.npz")
-    if path is not None and os.path.exists(path):
+    # Cache decisions are process 0's (distributed.agree): every process must run the same collectives.
+    if path is not None and agree(os.path.exists(path)):
         return Activations.load(path)
     if cache_dir is not None:  # a cached all-neuron collection of the same inputs holds every column
         dense = os.path.join(cache_dir, f"activations-{cache_key(lm, prompts, position, last_k, all_nodes(cfg), neuron_mult)}.npz")
-        if os.path.exists(dense):
+        if agree(os.path.exists(dense)):
             full = Activations.load(dense)
             return dataclasses.replace(full, nodes=node_arr, node_acts=full.node_acts[:, flat_cols],
                                        meta={**full.meta, "key": key, "sliced_from": full.meta["key"]})
@@ -230,5 +232,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
                           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
                           "masked": neuron_mult is not None, "shared_prefix_tokens": shared, "key": key})
     if path is not None:
-        result.save(path)
+        if is_writer():  # one writer; the others wait until the file is complete
+            result.save(path)
+        barrier(f"activations-{key}")
     return result

@@ -4,8 +4,10 @@ one writer.
 On a TPU pod slice every worker runs the same command (``--config.distributed=True``); JAX finds the
 coordinator and the process ids from the TPU metadata. On GPU clusters (SLURM, or by hand) pass
 ``coordinator_address``, ``num_processes`` and ``process_id`` (or set the ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` environment variables). Every process must then run the
-same jitted calls in the same order; only process 0 writes files (:func:`is_writer`).
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` environment variables). On one machine,
+launch/local_cluster.py starts N CPU processes with those variables set. Every process must then run
+the same jitted calls in the same order; only process 0 writes files (:func:`is_writer`), decisions
+read from shared files are process 0's (:func:`agree`), and readers wait for the writer (:func:`barrier`).
 """
 from __future__ import annotations
 
@@ -17,10 +19,31 @@ import numpy as np
 _INITIALIZED = False
 
 
+# Set by launch/local_cluster.py (N local processes): the coordinator is JAX_COORDINATOR_ADDRESS /
+# JAX_NUM_PROCESSES / JAX_PROCESS_ID as on a GPU cluster, plus CPU devices per process and timeouts.
+ENV_LOCAL_CLUSTER = "CNA_LOCAL_CLUSTER"
+ENV_HEARTBEAT = "CNA_HEARTBEAT_TIMEOUT_S"
+ENV_SHUTDOWN = "CNA_SHUTDOWN_TIMEOUT_S"
+
+
+def launched_by_cluster() -> bool:
+    """True in a process started by ``launch/local_cluster.py``."""
+    return os.environ.get(ENV_LOCAL_CLUSTER) == "1"
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids=None) -> None:
+               process_id: int | None = None, local_device_ids=None,
+               heartbeat_timeout_seconds: int | None = None, shutdown_timeout_seconds: int | None = None) -> None:
     """Calls ``jax.distributed.initialize`` once (idempotent). Must run before any other JAX call:
-    afterwards it is too late, and this raises with a readable message instead of hanging."""
+    afterwards it is too late, and this raises with a readable message instead of hanging.
+
+    With no arguments on a TPU pod slice or under SLURM, JAX finds the coordinator itself. Otherwise the
+    environment supplies what the arguments leave out: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``; ``JAX_NUM_CPU_DEVICES`` and ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` (CPU
+    processes, as launch/local_cluster.py starts them); ``CNA_HEARTBEAT_TIMEOUT_S`` (a process that sent
+    no heartbeat for this long is declared dead and every other process fails instead of hanging;
+    JAX's default is 100 s) and ``CNA_SHUTDOWN_TIMEOUT_S`` (how long a finished process waits for the
+    others at exit; JAX's default 300 s)."""
     global _INITIALIZED
     if _INITIALIZED:
         return
@@ -32,9 +55,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         num_processes = int(env["JAX_NUM_PROCESSES"])
     if process_id is None and env.get("JAX_PROCESS_ID"):
         process_id = int(env["JAX_PROCESS_ID"])
+    timeouts = {}
+    if heartbeat_timeout_seconds is None and env.get(ENV_HEARTBEAT):
+        heartbeat_timeout_seconds = int(env[ENV_HEARTBEAT])
+    if heartbeat_timeout_seconds is not None:
+        timeouts["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
+    if shutdown_timeout_seconds is None and env.get(ENV_SHUTDOWN):
+        shutdown_timeout_seconds = int(env[ENV_SHUTDOWN])
+    if shutdown_timeout_seconds is not None:
+        timeouts["shutdown_timeout_seconds"] = shutdown_timeout_seconds
     try:
+        # CPU processes: these must be set before the backend starts (config updates, not only env,
+        # so they also hold when JAX was imported before the environment was set).
+        if env.get("JAX_NUM_CPU_DEVICES"):
+            jax.config.update("jax_num_cpu_devices", int(env["JAX_NUM_CPU_DEVICES"]))
+        if env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+            jax.config.update("jax_cpu_collectives_implementation", env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"])
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids)
+                                   process_id=process_id, local_device_ids=local_device_ids, **timeouts)
     except RuntimeError as e:
         if "before" in str(e).lower() or "already" in str(e).lower():
             raise RuntimeError(
@@ -45,10 +83,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def initialize_from_config(config: Any) -> bool:
-    """Initializes when ``config.distributed`` is true (the ``--config.distributed`` flag); returns whether
-    it did. ``config.distributed`` may also be a mapping with coordinator_address / num_processes /
-    process_id."""
+    """Initializes when ``config.distributed`` is true (the ``--config.distributed`` flag) or the process
+    was started by launch/local_cluster.py; returns whether it did. ``config.distributed`` may also be a
+    mapping with coordinator_address / num_processes / process_id."""
     flag = getattr(config, "distributed", False) if not isinstance(config, dict) else config.get("distributed", False)
+    if not flag and launched_by_cluster():  # launch/local_cluster.py implies a distributed run
+        flag = True
     if not flag:
         return False
     if hasattr(flag, "to_dict") or isinstance(flag, dict):
@@ -105,3 +145,25 @@ def global_batch(local: np.ndarray, sharding) -> "jax.Array":
         return local[(slice(start, stop),) + tuple(index[1:])]
 
     return jax.make_array_from_callback(global_shape, sharding, block)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op in one process). Called after process 0
+    writes a file that the others read next, so they never read it half written or not at all."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (unchanged in one process). For decisions read from the
+    shared workdir (is this stage finished? is this cache file there?): processes that decided
+    differently would run different collectives and hang."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))

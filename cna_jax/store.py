@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cna_jax.distributed import is_writer
+from cna_jax.distributed import agree, barrier, is_writer
 
 
 def config_hash(*parts: Any) -> str:
@@ -65,7 +65,8 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return os.path.exists(os.path.join(self.path, "done.json"))
+        """Whether the stage finished (process 0's view, shared by every process: call it on all)."""
+        return agree(os.path.exists(os.path.join(self.path, "done.json")))
 
     def seconds(self) -> float:
         """How long the finished stage took when it was computed (0 when not recorded)."""
@@ -74,19 +75,24 @@ class Stage:
 
     def save(self, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
              seconds: float | None = None) -> None:
-        """Writes the arrays (Orbax), the metadata (JSON), then the completion marker."""
-        os.makedirs(self.path, exist_ok=True)
-        if arrays:  # Orbax coordinates multi-process saves itself
+        """Writes the arrays (Orbax), the metadata (JSON), then the completion marker. Multi-process:
+        every process calls it (the Orbax save is collective; only process 0 writes, numpy arrays
+        included), and every process returns after the marker is written."""
+        if is_writer():
+            os.makedirs(self.path, exist_ok=True)
+        if arrays:
             import orbax.checkpoint as ocp
 
             target = os.path.join(self.path, "arrays")
-            if os.path.exists(target):  # an interrupted earlier attempt
+            if is_writer() and os.path.exists(target):  # an interrupted earlier attempt
                 shutil.rmtree(target)
+            barrier(f"stage-clean-{self.name}-{self.key}")
             with ocp.StandardCheckpointer() as ckpt:
                 ckpt.save(os.path.abspath(target), {k: np.asarray(v) for k, v in arrays.items()})
         _atomic_write_json(os.path.join(self.path, "meta.json"), meta or {})
         _atomic_write_json(os.path.join(self.path, "done.json"),
                            {"stage": self.name, "key": self.key, "seconds": seconds, "finished": time.time()})
+        barrier(f"stage-saved-{self.name}-{self.key}")
 
     def load(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {}
@@ -104,11 +110,46 @@ class Stage:
         return os.path.join(self.path, "items", f"{item}.json")
 
     def has_item(self, item: str) -> bool:
-        return os.path.exists(self.item_path(item))
+        """Whether the item finished (process 0's view, shared by every process: call it on all)."""
+        return agree(os.path.exists(self.item_path(item)))
 
     def save_item(self, item: str, obj: Any) -> None:
-        os.makedirs(os.path.join(self.path, "items"), exist_ok=True)
+        """Process 0 writes; every process calls it and returns once the file is there."""
+        if is_writer():
+            os.makedirs(os.path.join(self.path, "items"), exist_ok=True)
         _atomic_write_json(self.item_path(item), obj)
+        barrier(f"item-{self.name}-{self.key}-{item}")
+
+    # Rows: an append-only JSON-lines log of small results (one line per finished generation).
+    def append_row(self, log: str, obj: Any) -> None:
+        """Appends one JSON line (process 0 only; flushed so a killed run keeps every finished row)."""
+        if not is_writer():
+            return
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, log), "a") as f:
+            f.write(json.dumps(obj, default=_json_default) + "\n")
+            f.flush()
+
+    def read_rows(self, log: str) -> dict:
+        """{(item, i): tokens} from a row log; a torn last line (a kill mid-write) is ignored."""
+        path = os.path.join(self.path, log)
+        out = {}
+        if is_writer() and os.path.exists(path):
+            with open(path, "rb+") as f:  # drop a torn last line, or the next append would join it
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+        barrier(f"rows-repaired-{self.name}-{self.key}")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    out[(row["item"], int(row["i"]))] = row["tokens"]
+        barrier(f"rows-read-{self.name}-{self.key}")
+        return out
 
     def load_item(self, item: str) -> Any:
         with open(self.item_path(item)) as f:
