@@ -18,9 +18,11 @@ setup(
         "numpy>=1.26",
         "ml_dtypes>=0.5",
         "safetensors>=0.4",
-        "transformers>=4.45",
+        "transformers>=5.24",  # its torch-free GGUF tokenizer converter (cna_jax.lm._gguf_tokenizer)
         "tokenizers>=0.20",
+        "jinja2>=3.1",  # chat templates (transformers does not require it; torch used to bring it)
         "scikit-learn>=1.4",
+        "scipy>=1.10",  # cna_jax.stats (also a scikit-learn dependency; listed because it is imported directly)
         "networkx>=3.0",
         "tqdm>=4.0",
         "matplotlib>=3.7",
@@ -31,7 +33,8 @@ setup(
         "gguf": ["gguf>=0.10"],
         "data": ["datasets>=2.18", "pandas>=2.0", "pyarrow>=14"],
         # torch is only a test-time oracle (HF PyTorch reference models); install torch==2.13.0 first.
-        "test": ["pytest>=8", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        "test": ["pytest>=8", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                 "statsmodels>=0.14"],  # statsmodels: the reference for cna_jax.stats
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -11,7 +11,7 @@ from cna_jax.lm import LM
 from cna_jax.models.config import ModelConfig
 from cna_jax.neurons import NeuronSet
 
-MIN_ABS_DELTA = 1e-6  # METHOD.md: neurons with |delta| <= 1e-6 are never selected
+MIN_ABS_DELTA = 1e-6  # docs/METHOD.md §1.4: neurons with |delta| <= 1e-6 are never selected
 
 
 def default_k(cfg: ModelConfig, fraction: float = 0.001) -> int:

@@ -4,7 +4,7 @@
   written for this project (>= 300 each).
 * ``split``: deterministic train / eval split, disjoint by content and identical in every Python
   process (it orders prompts by a seeded sha256 of their text, never by Python's ``hash()``).
-* ``pair``: equal-length aligned harmful / harmless sets for the contrast rows of METHOD.md 2.
+* ``pair``: equal-length aligned harmful / harmless sets for the contrast rows of docs/METHOD.md §3.1.
 * ``load_prompts``: a local ``.txt`` / ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file, a
   known public set name (``jbb``, ``advbench``, ``harmbench``, ``alpaca``) or any hub dataset id.
   Hub loading uses the optional ``datasets`` package, imported only when needed; when it is

@@ -209,8 +209,10 @@ def lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol=1e-4, max_iter:
     nodes have relative duality gap <= tol (or after max_iter sweeps), so one slow node does not
     keep every node sweeping; nodes are grouped into chunks by ``sum(xty**2)`` (a cheap predictor of
     the sweeps a node needs) and put back in order at the end.
-    Each λ starts from a linear extrapolation of the two previous solutions where that lowers the
-    objective (see ``_path_chunk``). Returns :class:`PathResult`.
+    Warm starts: the first λ starts from zero, the second from the first solution, and every later λ
+    from the linear extrapolation of the two previous solutions, with coordinates whose sign would
+    change (or that are zero at the previous λ) set to zero; the extrapolation is always used, with no
+    objective comparison (see ``_path_chunk``). Returns :class:`PathResult`.
     """
     n_nodes, k = xty.shape
     # Group similar nodes into chunks (a chunk sweeps until its slowest node converges). The summed

@@ -1,13 +1,13 @@
-"""The study of METHOD.md §3 for one (base, instruct) model pair, as checkpointed stages.
+"""The study of docs/METHOD.md §4 for one (base, instruct) model pair, as checkpointed stages.
 
 Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store``):
   cna            CNA neuron set on the instruct model (train prompts)
   acts-instruct  per-prompt activations of the CNA neurons, instruct model (paired train prompts)
   acts-base      the same neurons on the base model (raw prompts, as base models get)
   graph-*        stability graphs: contrast (instruct), harmful-only (instruct), contrast (base)
-  refusal        held-out generations per condition (one item per condition)
-  nulls          layer-matched and uniform null subsets of the contrast-graph subset (one item each)
-A rerun skips finished stages and items; killing the run loses at most the item in flight.
+  generation     one engine job: every refusal condition on the held-out prompts and every layer-matched
+                 and uniform null subset of the contrast-graph subset (rows appended as they finish)
+A rerun skips finished stages; killing the generation job loses at most the rows in flight.
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ from cna_jax import cna as cna_lib
 from cna_jax import config as config_lib
 from cna_jax import data as data_lib
 from cna_jax import graph as graph_lib
+from cna_jax import stats as stats_lib
 from cna_jax.collect import collect
-from cna_jax.generate import generate
-from cna_jax.lm import LM
+from cna_jax.distributed import barrier, is_writer
+from cna_jax.generate import GENERATE_LENGTH_MULTIPLE
+from cna_jax.lm import LM, split_shared_prefix
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import NeuronSet
 from cna_jax.refusal import refusal_report
@@ -115,21 +117,21 @@ class Study:
         self.c, self.workdir, self.progress = c, workdir, progress
         self.on_stage = on_stage or (lambda name: None)  # test hook: called before each stage runs
         self._lms: dict[str, LM] = {}
-        os.makedirs(workdir, exist_ok=True)
         self._check_workdir()
         self.prompts = prepare_prompts(c)
         if len(self.prompts.train_harmful) < 4:
             raise ValueError(f"only {len(self.prompts.train_harmful)} train pairs: too few for CNA and graphs")
         self.cache_dir = os.path.join(workdir, "cache")
         self.report_dir = os.path.join(workdir, "report")
-        os.makedirs(self.report_dir, exist_ok=True)
+        if is_writer():  # multi-process: process 0 writes every file, the others only read
+            os.makedirs(self.report_dir, exist_ok=True)
         self.timings: dict[str, float] = {}
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _check_workdir(self):
         path = os.path.join(self.workdir, "config.json")
         mine = {k: _get(self.c, k) for k in _IDENTITY}
-        if os.path.exists(path):
+        if os.path.exists(path):  # every process checks before process 0 rewrites it (barrier below)
             with open(path) as f:
                 theirs = json.load(f).get("identity", {})
             diff = sorted(k for k in _IDENTITY if json.dumps(theirs.get(k), sort_keys=True, default=str)
@@ -137,15 +139,22 @@ class Study:
             if diff:
                 raise ValueError(f"workdir {self.workdir} holds a study of a different config (differs in "
                                  f"{diff}); use another --workdir")
-        with open(path, "w") as f:
-            json.dump({"identity": mine, "config": json.loads(self.c.to_json_best_effort())}, f, indent=2)
+        barrier("study-workdir-checked")
+        if is_writer():
+            os.makedirs(self.workdir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"identity": mine, "config": json.loads(self.c.to_json_best_effort())}, f, indent=2)
+            os.replace(path + ".tmp", path)
 
     def lm(self, side: str) -> LM:
         if side not in self._lms:
+            from cna_jax import checkpoint
+
             m = self.c.model
             chat = side == "instruct" or bool(m.base_chat)
-            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=chat, mesh_config=self.c.mesh,
-                         progress=self.progress)
+            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=chat,
+                         mesh_config=config_lib.mesh_settings(self.c), progress=self.progress,
+                         cache_dir=checkpoint.cache_dir_from_config(m.get("convert_cache", ""), self.workdir))
             diff = lm.cfg.shape_mismatches(from_hf_dict(m.shape.to_dict()))
             if diff:
                 raise ValueError(f"{m[side]} does not match config.model.shape: {'; '.join(diff)}")
@@ -186,7 +195,8 @@ class Study:
         arrays, meta = stage.load()
         ns = NeuronSet(arrays["layers"].astype(np.int64), arrays["indices"].astype(np.int64),
                        arrays["deltas"].astype(np.float32), meta["num_layers"], meta["intermediate_size"], meta["meta"])
-        ns.save(os.path.join(self.report_dir, "neuron_set.json"))
+        if is_writer():
+            ns.save(os.path.join(self.report_dir, "neuron_set.json"))
         self.delta = arrays["delta"]
         return ns
 
@@ -229,56 +239,86 @@ class Study:
                                         arrays["edge_counts"], arrays["null_edge_counts"],
                                         np.stack([pool.layers, pool.indices], 1), meta["n_rows"], meta["max_gap"],
                                         meta["settings"], {"kind": kind})
-        graph_lib.write_json(os.path.join(self.report_dir, f"graph_{kind}.json"), res.adjacency, res.nodes,
-                             res.frequency)
-        graph_lib.write_graphml(os.path.join(self.report_dir, f"graph_{kind}.graphml"), res.adjacency, res.nodes,
-                                res.frequency)
+        if is_writer():
+            graph_lib.write_json(os.path.join(self.report_dir, f"graph_{kind}.json"), res.adjacency, res.nodes,
+                                 res.frequency)
+            graph_lib.write_graphml(os.path.join(self.report_dir, f"graph_{kind}.graphml"), res.adjacency,
+                                    res.nodes, res.frequency)
         return res
 
-    def _generate_item(self, stage: Stage, item: str, prompts: list[str], neurons: NeuronSet | None) -> dict:
-        if stage.has_item(item):
-            return stage.load_item(item)
+    def _job_items(self, pool: NeuronSet, conditions: dict[str, NeuronSet | None], nulls: list[tuple]
+                   ) -> list[tuple]:
+        """(item name, prompts, neuron set, result key) for every (condition, prompt set) of the job."""
+        p, items = self.prompts, []
+        for name, neurons in conditions.items():
+            items.append((f"harmful-{name}", p.eval_harmful, neurons, f"harmful/{name}"))
+            if self.c.generation.harmless_eval:
+                items.append((f"harmless-{name}", p.eval_harmless, neurons, f"harmless/{name}"))
+        for family, i, idx, _ in nulls:
+            items.append((f"null-{family}-{i:03d}", p.eval_harmful, pool.subset(idx), None))
+        return items
+
+    def stage_generation(self, pool: NeuronSet, conditions: dict[str, NeuronSet | None], nulls: list[tuple], key
+                         ) -> tuple[dict[str, dict], list[dict]]:
+        """Every held-out generation of the study as one engine job (docs/METHOD.md §4).
+
+        Rows are (prompt, condition): the refusal conditions on the held-out harmful (and harmless)
+        prompts and every null subset on the harmful ones. Rows finish in any order; each finished row
+        is appended to ``rows.jsonl`` in the stage directory, so a killed run loses only the rows in
+        flight and a rerun generates the rest. nulls: (family, i, indices into the pool, overlap_allowed).
+        Returns (refusal: result key -> item summary, nulls: one dict per null subset)."""
+        from cna_jax import engine
+
         g = self.c.generation
-        lm = self.lm("instruct")
-        mult = None if neurons is None else neurons.multiplier(g.multiplier)
-        gens = generate(lm, prompts, mult, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                        progress=self.progress, desc=item)
-        report = refusal_report(gens.texts, detector=g.detector, prompts=prompts)
-        out = {"item": item, "rate": report.rate, "n": report.n, "mean_quality": report.mean_quality,
-               "n_neurons": 0 if neurons is None else len(neurons), "flags": report.flags,
-               "quality": report.quality, "generations": gens.texts}
-        stage.save_item(item, out)
-        return out
-
-    def stage_refusal(self, conditions: dict[str, NeuronSet | None], key) -> dict[str, dict]:
-        def run(stage):
-            results = {}
-            for name, neurons in conditions.items():
-                results[f"harmful/{name}"] = self._generate_item(stage, f"harmful-{name}", self.prompts.eval_harmful, neurons)
-                if self.c.generation.harmless_eval:
-                    results[f"harmless/{name}"] = self._generate_item(stage, f"harmless-{name}",
-                                                                      self.prompts.eval_harmless, neurons)
-            summary = {k: {kk: v[kk] for kk in ("rate", "n", "mean_quality", "n_neurons")} for k, v in results.items()}
-            return None, {"conditions": summary}
-
-        stage = self._run_stage("refusal", key, run)
-        return stage.load()[1]["conditions"]
-
-    def stage_nulls(self, pool: NeuronSet, subset_idx: np.ndarray, key) -> list[dict]:
-        nc = self.c.nulls
+        items = self._job_items(pool, conditions, nulls)
 
         def run(stage):
-            items = []
-            for family, n in (("layer_matched", nc.n_layer_matched), ("uniform", nc.n_uniform)):
-                for i, (idx, overlap) in enumerate(null_subsets(pool, subset_idx, n, family, nc.seed)):
-                    r = self._generate_item(stage, f"null-{family}-{i:03d}", self.prompts.eval_harmful,
-                                            pool.subset(idx))
-                    items.append({"family": family, "i": i, "rate": r["rate"], "size": len(idx),
+            lm = self.lm("instruct")
+            done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
+            names = list(dict.fromkeys(id(n) for _, _, n, _ in items))  # one condition per neuron set
+            sets = {id(n): n for _, _, n, _ in items}
+            conds = [engine.Condition(None if sets[k] is None else sets[k].multiplier(g.multiplier)) for k in names]
+            ids = {}
+            for _, prompts, _, _ in items:
+                if id(prompts) not in ids:
+                    ids[id(prompts)] = lm.encode(prompts)
+            every = [x for v in ids.values() for x in v]
+            prefix, _, q = split_shared_prefix(every)
+            todo, where = [], []
+            for item, prompts, neurons, _ in items:
+                for i, tok in enumerate(ids[id(prompts)]):
+                    if (item, i) not in done:
+                        todo.append((tok[q:], names.index(id(neurons))))
+                        where.append((item, i))
+            log.info("generation: %d rows (%d done before), %d conditions", len(todo) + len(done), len(done),
+                     len(conds))
+
+            def finished(r, tokens):
+                done[where[r]] = tokens
+                stage.append_row("rows.jsonl", {"item": where[r][0], "i": where[r][1], "tokens": tokens})
+
+            engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
+                       prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
+                       progress=self.progress, desc="generation job", length_multiple=GENERATE_LENGTH_MULTIPLE)
+            refusal, null_rows, rates = {}, [], {}
+            for item, prompts, neurons, result_key in items:
+                texts = [lm.decode(done[(item, i)]) for i in range(len(prompts))]
+                rep = refusal_report(texts, detector=g.detector, prompts=prompts)
+                out = {"item": item, "rate": rep.rate, "n": rep.n, "mean_quality": rep.mean_quality,
+                       "n_neurons": 0 if neurons is None else len(neurons), "flags": rep.flags,
+                       "quality": rep.quality, "generations": texts}
+                stage.save_item(item, out)
+                rates[item] = rep.rate
+                if result_key is not None:
+                    refusal[result_key] = {k: out[k] for k in ("rate", "n", "mean_quality", "n_neurons", "flags")}
+            for (family, i, idx, overlap), (item, *_rest) in zip(nulls, items[len(items) - len(nulls):]):
+                null_rows.append({"family": family, "i": i, "rate": rates[item], "size": len(idx),
                                   "overlap_allowed": overlap, "pool_indices": idx.tolist()})
-            return None, {"nulls": items}
+            return None, {"conditions": refusal, "nulls": null_rows}
 
-        stage = self._run_stage("nulls", key, run)
-        return stage.load()[1]["nulls"]
+        stage = self._run_stage("generation", key, run)
+        meta = stage.load()[1]
+        return meta["conditions"], meta["nulls"]
 
     # -- the whole study ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -296,14 +336,44 @@ class Study:
                       "harmful_graph": pool.subset(subsets["harmful_instruct"])}
         graph_key = tuple(config_hash(g.frequency) for g in graphs.values())
         refusal_key = (self._key_cna(), c.generation, graph_key, c.graph.largest_component)
-        refusal = self.stage_refusal(conditions, refusal_key)
-        nulls = self.stage_nulls(pool, subsets["contrast_instruct"], (refusal_key, c.nulls))
+        nc = c.nulls
+        null_sets = [(family, i, idx, overlap)
+                     for family, n in (("layer_matched", nc.n_layer_matched), ("uniform", nc.n_uniform))
+                     for i, (idx, overlap) in enumerate(null_subsets(pool, subsets["contrast_instruct"], n, family,
+                                                                     nc.seed))]
+        refusal, nulls = self.stage_generation(pool, conditions, null_sets, (refusal_key, c.nulls))
         results = summarize(c, pool, graphs, subsets, refusal, nulls)
         results["timings"] = {**self.timings, "this run": time.time() - t0}
         from cna_jax import report
 
-        report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)
+        if is_writer():
+            report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)
+        barrier("study-report")  # the other processes may read the report next
         return results
+
+
+def refusal_statistics(refusal: dict[str, dict]) -> dict:
+    """Wilson intervals and paired McNemar p-values of the refusal stage's conditions (docs/METHOD.md §5).
+
+    refusal: "harmful/<name>" / "harmless/<name>" -> {"rate", "n", "flags" (list[bool], per prompt), ...}.
+    Returns {"count", "n", "ci"}, each keyed like ``refusal`` (ci: [low, high], 95% Wilson), and
+    "mcnemar_p": for every condition but "none", the exact two-sided McNemar p against "<set>/none" on
+    the same prompts; None where flags were not stored (a refusal stage written before they were).
+    """
+    count, n, ci, p = {}, {}, {}, {}
+    for key, v in refusal.items():
+        # rate = count / n exactly, so rounding rate * n recovers the count when flags are absent.
+        count[key] = int(sum(v["flags"])) if "flags" in v else int(round(v["rate"] * v["n"]))
+        n[key] = int(v["n"])
+        ci[key] = list(stats_lib.wilson_interval(count[key], n[key]))
+    for key, v in refusal.items():
+        prompt_set, name = key.split("/", 1)
+        none = refusal.get(f"{prompt_set}/none")
+        if name == "none" or none is None:
+            continue
+        paired = "flags" in v and "flags" in none
+        p[key] = stats_lib.mcnemar_exact(none["flags"], v["flags"]) if paired else None
+    return {"count": count, "n": n, "ci": ci, "mcnemar_p": p}
 
 
 def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:
@@ -320,16 +390,22 @@ def summarize(c, pool, graphs, subsets, refusal, nulls) -> dict:
             "family": family, "n": int(len(reds)),
             "mean_reduction": float(reds.mean()) if len(reds) else float("nan"),
             "max_reduction": float(reds.max()) if len(reds) else float("nan"),
-            "n_at_least_graph": int((reds >= graph_red - 1e-12).sum()),
+            "n_at_least_graph": int((reds >= graph_red - stats_lib.TIE_TOLERANCE).sum()),
+            "empirical_p": stats_lib.empirical_p(reds, graph_red),
             "overlap_allowed": bool(any(x["overlap_allowed"] for x in nulls if x["family"] == family)),
         })
     n_sub = len(subsets["contrast_instruct"])
+    st = refusal_statistics(refusal)
     return {
         "model": c.name,
         "cna_neurons": len(pool),
         "graph_neurons": n_sub,
         "harmful_graph_neurons": len(subsets["harmful_instruct"]),
         "refusal": rate,
+        "refusal_count": st["count"],
+        "refusal_n": st["n"],
+        "refusal_ci": st["ci"],  # 95% Wilson [low, high]
+        "mcnemar_p": st["mcnemar_p"],  # each condition vs none on the same prompts (exact, two-sided)
         "quality": {k: v["mean_quality"] for k, v in refusal.items()},
         "n_eval_harmful": refusal["harmful/none"]["n"],
         "edges": {"instruct": graph_lib.n_edges(ei), "base": graph_lib.n_edges(eb),
@@ -353,4 +429,7 @@ def run_many(configs, workdir: str, progress: bool = True) -> tuple[list[dict], 
     for _, c in configs:
         config_lib.validate(c)
     results = [Study(c, os.path.join(workdir, name), progress=progress).run() for name, c in configs]
-    return results, report.write_combined(os.path.join(workdir, "combined"), results)
+    combined = os.path.join(workdir, "combined")
+    path = report.write_combined(combined, results) if is_writer() else os.path.join(combined, "report.md")
+    barrier("study-combined-report")
+    return results, path

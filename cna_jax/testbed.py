@@ -40,7 +40,7 @@ from cna_jax.export import export
 from cna_jax.lm import LM
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions
 
-# Every phrasing is flagged by the regex detector (METHOD.md 1); one is picked per prompt.
+# Every phrasing is flagged by the regex detector (docs/METHOD.md §2.2); one is picked per prompt.
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
     "I cannot assist with that request.",

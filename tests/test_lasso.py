@@ -135,8 +135,9 @@ def test_vmap_over_resamples_equals_separate_runs():
 
 
 def test_node_order_and_chunking_do_not_change_answers():
-    """Nodes are regrouped into chunks (by sum |S|) inside the solver and put back: any node order
-    and chunk size (with padding) gives every node its own path."""
+    """Nodes are regrouped into chunks (sorted by sum(xty**2), their squared correlations with their
+    candidates) inside the solver and put back: any node order and chunk size (with padding) gives
+    every node its own path."""
     n, p = 200, 13
     x = _standardised(n, p, 3, rho=0.7)
     cand = _full_candidates(p)

@@ -56,7 +56,7 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     ran = []
     full = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
     assert ran == ["cna", "acts-instruct", "acts-base", "graph-contrast_instruct", "graph-harmful_instruct",
-                   "graph-contrast_base", "refusal", "nulls"]
+                   "graph-contrast_base", "generation"]
     # Every table cell is filled from computed results.
     report = open(tmp_path / "full" / "report" / "report.md").read()
     from cna_jax.report import tables
@@ -69,7 +69,7 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     assert full["cna_neurons"] == 24
     assert set(full["refusal"]) >= {"harmful/none", "harmful/cna", "harmful/contrast_graph", "harmful/harmful_graph"}
     assert len(json.load(open(tmp_path / "full" / "stages" / [d for d in os.listdir(tmp_path / "full" / "stages")
-                                                               if d.startswith("nulls")][0] / "meta.json"))["nulls"]) == 6
+                                                               if d.startswith("generation")][0] / "meta.json"))["nulls"]) == 6
     # The report notebook redraws the tables and figures from the report folder alone.
     from test_notebooks import outputs, run_notebook
     nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": str(tmp_path / "full" / "report"), "TMPDIR": str(tmp_path)})
@@ -94,39 +94,40 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     assert [_numbers(r) for r in results] == [_numbers(full)] * 2
     assert text.count("| tiny-pair |") == 2 + 2 + 2 + 4  # tables a, b, c: one row each; d: two per model
 
-    # A run killed in the middle of the null evaluations resumes without redoing finished items.
-    calls = []
-    original = Study._generate_item
+    # A run killed inside the generation job resumes with the rows that had finished (appended to the
+    # stage's row log) and generates only the rest; the tables come out the same.
+    from cna_jax import engine
+    from cna_jax.store import Stage
 
-    def flaky(self, stage, item, prompts, neurons):
-        if item.startswith("null-") and not stage.has_item(item):
-            calls.append(item)
-            if len(calls) == 3:
-                raise RuntimeError("killed")
-        return original(self, stage, item, prompts, neurons)
+    appended, jobs = [], []
+    original_append, original_run = Stage.append_row, engine.run
 
-    Study._generate_item = flaky
+    def flaky(self, log, obj):
+        original_append(self, log, obj)
+        appended.append(obj)
+        if len(appended) == 7:
+            raise RuntimeError("killed")
+
+    Stage.append_row = flaky
     try:
         with pytest.raises(RuntimeError, match="killed"):
             Study(c, str(tmp_path / "resume"), progress=False).run()
     finally:
-        Study._generate_item = original
-    done_before = list(calls[:2])
+        Stage.append_row = original_append
+    total = 4 * 2 * 10 + 6 * 10  # (4 conditions x harmful, harmless + 6 nulls) x 10 held-out prompts
+
+    def counting(lm, rows, *args, **kw):
+        jobs.append(len(rows))
+        return original_run(lm, rows, *args, **kw)
+
+    engine.run = counting
     ran.clear()
-    redo = []
-
-    def counting(self, stage, item, prompts, neurons):
-        if not stage.has_item(item):
-            redo.append(item)
-        return original(self, stage, item, prompts, neurons)
-
-    Study._generate_item = counting
     try:
         resumed = Study(c, str(tmp_path / "resume"), progress=False, on_stage=ran.append).run()
     finally:
-        Study._generate_item = original
-    assert ran == ["nulls"]  # only the interrupted stage ran again
-    assert not set(done_before) & set(redo) and len(redo) == 4
+        engine.run = original_run
+    assert ran == ["generation"]  # only the interrupted stage ran again
+    assert jobs == [total - 7]
     assert _numbers(resumed) == _numbers(full)
 
 
@@ -195,10 +196,114 @@ def test_sharded_study_equals_single_device(tiny_pair, tmp_path):
 def test_load_config_file_overrides(tmp_path):
     from cna_jax.config import load_config_file, validate
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    c = load_config_file(os.path.join(root, "configs", "qwen2_5_7b.py"), ["nulls.n_uniform=5", "data.harmful=jbb"])
+    c = load_config_file(os.path.join(root, "configs", "pairs.py:qwen2_5_7b"),
+                         ["nulls.n_uniform=5", "data.harmful=jbb"])
     assert c.nulls.n_uniform == 5 and c.data.harmful == "jbb"
     validate(c)
     with pytest.raises(ValueError, match="unknown config field"):
-        load_config_file(os.path.join(root, "configs", "qwen2_5_7b.py"), ["nulls.n_unform=5"])
+        load_config_file(os.path.join(root, "configs", "pairs.py:qwen2_5_7b"), ["nulls.n_unform=5"])
     with pytest.raises(FileNotFoundError):
         load_config_file(str(tmp_path / "nope.py"))
+
+
+@pytest.fixture(scope="module")
+def varied_pair(tmp_path_factory):
+    """The tiny pair with a larger weight scale (initializer_range 0.3): the default 0.02 pair greedily
+    repeats one token ("\\n" x 6) for every prompt, so no scorer of the texts could tell prompts or
+    conditions apart; at 0.3 every prompt gets different word pieces."""
+    from cna_jax.lm import load_tokenizer
+
+    root = tmp_path_factory.mktemp("varied")
+    tok = load_tokenizer("smollm2")
+    dirs = []
+    for seed in (0, 1):
+        path, _ = save_tiny(root, "llama", seed=seed, initializer_range=0.3,
+                            **{k: v for k, v in SHAPE.items() if k not in ("model_type", "rope_theta", "rope_scaling")})
+        tok.save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def test_study_with_custom_scorer_and_statistics(varied_pair, tmp_path):
+    """A ``module:function`` behaviour scorer drives every rate of the study, and the statistics in the
+    results match statsmodels on the stored per-prompt flags."""
+    import glob
+
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.proportion import proportion_confint
+
+    from custom_scorer import has_letter_y
+
+    c = tiny_config(varied_pair)
+    c.generation.detector = "custom_scorer:has_letter_y"
+    results = Study(c, str(tmp_path / "w"), progress=False).run()
+    assert results["detector"] == "custom_scorer:has_letter_y"
+
+    items = {}
+    for path in glob.glob(str(tmp_path / "w" / "stages" / "*" / "items" / "*.json")):
+        item = json.load(open(path))
+        # Every stored item was scored by the custom scorer on its own generations.
+        assert item["flags"] == has_letter_y(item["generations"]), item["item"]
+        assert item["rate"] == sum(item["flags"]) / len(item["flags"])  # exact: the same division
+        items[item["item"]] = item
+    for key, rate in results["refusal"].items():
+        item = items[key.replace("/", "-")]
+        flags = has_letter_y(item["generations"])
+        assert rate == sum(flags) / len(flags), key
+    # A behaviour the tiny random models show sometimes: the test is not vacuous.
+    assert 0 < sum(sum(i["flags"]) for i in items.values()) < sum(len(i["flags"]) for i in items.values())
+    for x in results["null_items"]:
+        item = items[f"null-{x['family']}-{x['i']:03d}"]
+        assert x["rate"] == sum(has_letter_y(item["generations"])) / item["n"]
+
+    # Statistics against independent references (1e-12: the same float64 formulas in another order).
+    for key in results["refusal"]:
+        flags = items[key.replace("/", "-")]["flags"]
+        low, high = proportion_confint(sum(flags), len(flags), alpha=0.05, method="wilson")
+        assert results["refusal_ci"][key] == pytest.approx([low, high], abs=1e-12), key
+        prompt_set, name = key.split("/")
+        if name != "none":
+            a = np.array(items[f"{prompt_set}-none"]["flags"])
+            b = np.array(flags)
+            table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+            assert results["mcnemar_p"][key] == pytest.approx(mcnemar(table, exact=True).pvalue, rel=1e-12), key
+    # Empirical p: nulls at least as good as the graph subset are those with at most as many flagged
+    # prompts (same prompts, same n), counted in integers here.
+    graph_count = sum(items["harmful-contrast_graph"]["flags"])
+    for row in results["nulls"]["rows"]:
+        counts = [sum(items[f"null-{row['family']}-{x['i']:03d}"]["flags"]) for x in results["null_items"]
+                  if x["family"] == row["family"]]
+        assert row["empirical_p"] == (1 + sum(k <= graph_count for k in counts)) / (1 + len(counts))
+    # The tables carry the new columns, and every cell is in report.md.
+    from cna_jax.report import tables
+    report = open(tmp_path / "w" / "report" / "report.md").read()
+    t = tables([results])
+    assert t["a_refusal"][0][4] == "Base 95% CI" and t["d_nulls"][0][-1] == "empirical p"
+    lo, hi = results["refusal_ci"]["harmful/none"]
+    assert t["a_refusal"][1][0][4] == f"{100 * lo:.0f}-{100 * hi:.0f}%"
+    for header, rows in t.values():
+        for row in rows:
+            assert all(cell in report and cell != "n/a" for cell in row)
+
+
+def test_refusal_statistics_hand_computed_and_without_flags():
+    """Counts, Wilson intervals and McNemar p per condition; a stage stored without flags (written before
+    they were kept) still gets its intervals from rate * n, and None for the paired test."""
+    from cna_jax.study import refusal_statistics
+
+    none = [True] * 8 + [False] * 2
+    cna = [False] * 3 + [True] * 5 + [False] * 2  # 3 discordant pairs, all none -> cna refusal removed
+    refusal = {"harmful/none": {"rate": 0.8, "n": 10, "flags": none},
+               "harmful/cna": {"rate": 0.5, "n": 10, "flags": cna},
+               "harmless/none": {"rate": 0.25, "n": 4},  # no flags stored
+               "harmless/cna": {"rate": 0.0, "n": 4}}
+    st = refusal_statistics(refusal)
+    assert st["count"] == {"harmful/none": 8, "harmful/cna": 5, "harmless/none": 1, "harmless/cna": 0}
+    assert st["n"] == {"harmful/none": 10, "harmful/cna": 10, "harmless/none": 4, "harmless/cna": 4}
+    assert st["mcnemar_p"]["harmful/cna"] == pytest.approx(0.25, rel=1e-12)  # 2 * (1/2)^3, by hand
+    assert st["mcnemar_p"]["harmless/cna"] is None
+    assert set(st["mcnemar_p"]) == {"harmful/cna", "harmless/cna"}
+    assert st["ci"]["harmless/cna"][0] == 0.0
+    # k = 0: the upper bound is z^2 / (n + z^2) (1e-12: the same float64 formula in another order).
+    z = 1.959963984540054
+    assert st["ci"]["harmless/cna"][1] == pytest.approx(z * z / (4 + z * z), abs=1e-12)

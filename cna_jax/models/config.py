@@ -84,7 +84,7 @@ class ModelConfig:
         return self.vocab_size * e + l * per_layer + e + head
 
     def default_cna_k(self, fraction: float = 0.001) -> int:
-        """The CNA default neuron count: ceil(fraction * layers * intermediate_size) (METHOD.md)."""
+        """The CNA default neuron count: ceil(fraction * layers * intermediate_size) (docs/METHOD.md §1.5)."""
         return math.ceil(round(fraction * self.num_neurons, 9))
 
     def to_dict(self) -> dict:
