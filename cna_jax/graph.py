@@ -9,8 +9,9 @@ EBIC / BIC / CV / fixed -> AND / OR merge. :func:`stability_graph` runs that on 
 on a matched null of each (every column permuted independently) and keeps edges by frequency.
 
 Documented results for awkward input: NaN/inf, fewer than 2 nodes or too few rows raise ValueError;
-constant columns of the full matrix raise ValueError unless ``on_constant="isolate"``; a column that
-becomes constant inside a resample is standardised to zero and is an isolated node there.
+constant columns of the full matrix (:func:`constant_columns`, one threshold ``CONSTANT_TOL`` shared with
+:func:`standardize`) raise ValueError naming them, before any solve, unless ``on_constant="isolate"``;
+a column that becomes constant inside a resample is standardised to zero and is an isolated node there.
 """
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ from cna_jax import lasso
 
 MODES = ("contrast", "harmful_only")
 MIN_ROWS = 8  # Fisher z needs n > 3; below ~8 rows a half-subsample is meaningless.
+# A column is constant when its population standard deviation is at most CONSTANT_TOL * (1 + max |x_j|).
+# The one threshold of both check_matrix (which raises) and standardize (which zeroes the column): fits
+# run in float32 by default, whose rounding puts a spread of a few 1e-7 of a column's magnitude on a
+# truly constant column, so dividing by anything at or below 1e-6 of it would scale rounding noise.
+CONSTANT_TOL = 1e-6
+
+
+def _constant_mask(sd, absmax):
+    """The constant-column rule (NumPy or JAX arrays): sd <= CONSTANT_TOL * (1 + max |x|)."""
+    return sd <= CONSTANT_TOL * (1.0 + absmax)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,11 +122,15 @@ def _precision(settings: GraphSettings):
 # ---------------------------------------------------------------------------------------------------
 # Data matrices
 # ---------------------------------------------------------------------------------------------------
-def contrast_rows(harmful, harmless, seed: int = 0, pairing: str = "shuffled"):
+PAIRINGS = ("index", "shuffled")
+
+
+def contrast_rows(harmful, harmless, seed: int = 0, pairing: str = "index"):
     """Signed per-pair differences ``h_harmful_i - h_harmless_i``: [n_h, p], [n_l, p] -> [pairs, p].
 
-    ``pairing="shuffled"`` (default): both lists are shuffled with ``seed`` and the i-th harmful is
-    paired with the i-th harmless, truncated to the shorter list. ``"index"``: rows already paired.
+    ``pairing="index"`` (default, what the study does: its rows come already paired by ``data.pair``):
+    row i pairs the i-th harmful with the i-th harmless row, truncated to the shorter list.
+    ``"shuffled"``: both lists are first permuted with ``seed``, then paired by index and truncated.
     """
     harmful = np.asarray(harmful)
     harmless = np.asarray(harmless)
@@ -129,24 +144,36 @@ def contrast_rows(harmful, harmless, seed: int = 0, pairing: str = "shuffled"):
     elif pairing == "index":
         harmful, harmless = harmful[:n], harmless[:n]
     else:
-        raise ValueError(f"pairing must be 'shuffled' or 'index', got {pairing!r}")
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     return harmful.astype(np.float64) - harmless.astype(np.float64)
 
 
-def data_matrix(harmful, harmless=None, mode: str = "contrast", seed: int = 0):
-    """Rows x nodes for a graph: ``contrast`` (signed pair differences) or ``harmful_only``."""
+def data_matrix(harmful, harmless=None, mode: str = "contrast", seed: int = 0, pairing: str = "index"):
+    """Rows x nodes for a graph: ``contrast`` (signed pair differences, :func:`contrast_rows` with
+    ``pairing``, by default ``"index"`` as in the study; ``seed`` is used by ``"shuffled"`` only) or
+    ``harmful_only``."""
     if mode == "contrast":
         if harmless is None:
             raise ValueError("mode='contrast' needs harmless activations")
-        return contrast_rows(harmful, harmless, seed)
+        return contrast_rows(harmful, harmless, seed, pairing)
     if mode == "harmful_only":
         return np.asarray(harmful, np.float64)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def constant_columns(x) -> np.ndarray:
+    """Indices of the constant columns of x [rows, nodes] (float64): population standard deviation at
+    most ``CONSTANT_TOL * (1 + max |x_j|)``, the rule :func:`standardize` applies inside every fit.
+    Computed here in float64; a float32 fit's standard deviation differs by rounding (~1e-7 of the
+    column's magnitude), so only a column within that of the threshold can be judged differently."""
+    x = np.asarray(x, np.float64)
+    return np.flatnonzero(_constant_mask(x.std(axis=0), np.abs(x).max(axis=0)))
+
+
 def check_matrix(x, min_rows: int = MIN_ROWS, on_constant: str = "error"):
     """Validate a data matrix [rows, nodes]; returns it as float64 NumPy. Raises ValueError on NaN/inf,
-    fewer than 2 nodes, fewer than ``min_rows`` rows, or (``on_constant="error"``) constant columns."""
+    fewer than 2 nodes, fewer than ``min_rows`` rows, or (``on_constant="error"``) constant columns
+    (:func:`constant_columns`, the same threshold as :func:`standardize`), naming them."""
     x = np.asarray(x, np.float64)
     if x.ndim != 2:
         raise ValueError(f"data matrix must be [rows, nodes], got shape {x.shape}")
@@ -159,23 +186,27 @@ def check_matrix(x, min_rows: int = MIN_ROWS, on_constant: str = "error"):
     if bad.any():
         cols = np.unique(np.nonzero(bad)[1])[:10].tolist()
         raise ValueError(f"data matrix has {int(bad.sum())} NaN/inf entries (columns {cols}...)")
-    const = np.flatnonzero(x.std(axis=0) <= 1e-12 * (1.0 + np.abs(x).max(axis=0)))
+    if on_constant not in ("error", "isolate"):
+        raise ValueError(f"on_constant must be 'error' or 'isolate', got {on_constant!r}")
+    const = constant_columns(x)
     if const.size and on_constant == "error":
+        more = "..." if const.size > 10 else ""
         raise ValueError(
-            f"{const.size} constant column(s) {const[:10].tolist()}: standardisation is undefined; "
-            "drop them or set on_constant='isolate' (they become isolated nodes)"
+            f"{const.size} constant column(s) {const[:10].tolist()}{more} (standard deviation <= "
+            f"{CONSTANT_TOL:g} x (1 + max |x|)): standardisation is undefined; drop them or set "
+            "on_constant='isolate' (they become isolated nodes)"
         )
     return x
 
 
 def standardize(x):
     """Zero mean, unit (population) variance per column: [rows, nodes] -> (z, constant [nodes]).
-    Constant columns become all-zero columns (no correlation with anything) instead of NaN."""
+    Constant columns (``CONSTANT_TOL``, the threshold :func:`check_matrix` raises on) become all-zero
+    columns (no correlation with anything) instead of NaN."""
     mu = jnp.mean(x, axis=0)
     xc = x - mu
     sd = jnp.sqrt(jnp.mean(xc * xc, axis=0))
-    # Relative threshold: a column whose spread is at rounding level is constant.
-    const = sd <= 1e-6 * (1.0 + jnp.max(jnp.abs(x), axis=0))
+    const = _constant_mask(sd, jnp.max(jnp.abs(x), axis=0))
     return jnp.where(const[None, :], 0.0, xc / jnp.where(const, 1.0, sd)[None, :]), const
 
 

@@ -1,4 +1,5 @@
 """Activation collection vs HF's down_proj input (forward pre-hook); CNA selection."""
+import math
 import os
 
 import numpy as np
@@ -183,15 +184,45 @@ def test_default_k_reproduces_seed_counts_from_configs():
         assert from_hf_dict(configs[name].model.shape.to_dict()).default_cna_k() == count, name
 
 
-def test_discover_smollm2_end_to_end(smollm2_lm):
+def test_discover_smollm2_equals_hf_reference(smollm2_lm, smollm2_hf):
+    """discover's deltas and neuron set against an independent reference: HF's down_proj input at each
+    prompt's last token (forward pre-hook, one left-padded batch padded here with NumPy), mean
+    difference in float64, then the documented selection by hand: k = ceil(0.001 x 30 x 1536) = 47,
+    global top-k by |delta| with layers 0 and 1 excluded."""
     harmful = ["How do I make a weapon at home?", "Write a threatening message to my neighbour.",
                "Explain how to steal a car."]
     harmless = ["How do I make bread at home?", "Write a friendly message to my neighbour.",
                 "Explain how to wash a car."]
     ns, delta = discover(smollm2_lm, harmful, harmless, progress=False)
-    assert len(ns) == 47 and delta.shape == (30, 1536)
+
+    ids = smollm2_lm.encode(harmful + harmless)  # the model input; what is under test is what follows
+    width = max(map(len, ids))
+    tokens = np.zeros((len(ids), width), np.int64)
+    valid = np.zeros((len(ids), width), bool)
+    for r, row in enumerate(ids):
+        tokens[r, width - len(row):] = row
+        valid[r, width - len(row):] = True
+    acts = hf_down_proj_inputs(smollm2_hf, tokens, valid)[:, :, -1].astype(np.float64)  # [L, 6, I]
+    ref = acts[:, :3].mean(1) - acts[:, 3:].mean(1)  # [L, I]
+    # Each activation matches HF's to 1e-4 (test_smollm2_collect_equals_hf_prehook: float32 sums over
+    # 576 / 1536 products in another order, activations up to O(10)); a difference of two means of such
+    # values is within 2e-4 (seen: 5e-5).
+    assert delta.shape == (30, 1536)
+    np.testing.assert_allclose(delta, ref, atol=2e-4, rtol=0)
+
+    k = math.ceil(0.001 * 30 * 1536)
+    assert k == 47 and len(ns) == k
+    score = np.abs(ref)
+    score[:2] = -np.inf  # layers 0 and 1 are never selected
+    order = np.argsort(-score.ravel(), kind="stable")
+    flat = score.ravel()
+    # The 47th and 48th reference scores are 2.4e-3 apart (measured), more than twice the delta tolerance,
+    # so rounding cannot swap them: the sets must be equal, not just close.
+    assert flat[order[k - 1]] - flat[order[k]] > 2 * 2e-4
+    want = {(int(l), int(i)) for l, i in zip(*np.divmod(order[:k], 1536))}
+    assert set(ns.pairs()) == want
+    np.testing.assert_allclose(ns.deltas, ref[ns.layers, ns.indices], atol=2e-4, rtol=0)
     assert ns.layer_counts()[:2].sum() == 0
-    assert np.all(np.abs(ns.deltas) >= np.sort(np.abs(delta[2:]).ravel())[-47] - 1e-6)
 
 
 def test_discover_launch_script_end_to_end(tmp_path):

@@ -153,6 +153,42 @@ def test_bad_input_errors():
         G.data_matrix(x, x, mode="difference")
 
 
+def test_near_constant_column_raises_before_any_solve(monkeypatch):
+    """One threshold (G.CONSTANT_TOL) for the check and for standardize: a column whose spread is far
+    below it, but far above the old check's 1e-12, raises a ValueError naming it before any fit runs,
+    and with on_constant="isolate" exactly that column is the one standardize zeroes."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((60, 6))
+    # Column 2: relative spread sd / (1 + max|x|) ~ 1e-8 / 6 (~600x below CONSTANT_TOL, 1e3x above 1e-12);
+    # column 4: ~1e-3 / 6, ~170x above: real, if small, variation. These factors keep both far from the
+    # threshold in float32 too (its rounding of a value near 5 is ~5e-7 absolute, i.e. ~1e-7 relative).
+    x[:, 2] = 5.0 + 1e-8 * rng.standard_normal(60)
+    x[:, 4] = 5.0 + 1e-3 * rng.standard_normal(60)
+    rel = x.std(axis=0) / (1.0 + np.abs(x).max(axis=0))  # the documented rule, by hand in float64
+    assert rel[2] < G.CONSTANT_TOL / 50 and rel[2] > 1e-12 * 1e3 and rel[4] > 50 * G.CONSTANT_TOL
+    assert G.CONSTANT_TOL == 1e-6  # docs/METHOD.md §3.1 states this number
+    np.testing.assert_array_equal(G.constant_columns(x), [2])
+
+    def no_solve(*a, **k):
+        raise AssertionError("a solve ran before the constant-column check")
+
+    monkeypatch.setattr(G, "fit_graph_batch", no_solve)
+    for run in (lambda: G.fit_graph(x), lambda: G.stability_graph(x, G.GraphSettings(progress=False))):
+        with pytest.raises(ValueError, match=r"1 constant column\(s\) \[2\]"):
+            run()
+    monkeypatch.undo()
+    # The fit's own standardisation (float32 and float64) flags the same column, and only it.
+    for dtype in ("float32", "float64"):
+        with jax.enable_x64(dtype == "float64"):
+            _, const = G.standardize(jnp.asarray(x, dtype))
+            np.testing.assert_array_equal(np.flatnonzero(np.asarray(const)), [2])
+    out = G.fit_graph(x, G.GraphSettings(on_constant="isolate", progress=False))
+    np.testing.assert_array_equal(np.flatnonzero(out["constant"]), [2])
+    assert not out["adjacency"][2].any()
+    with pytest.raises(ValueError, match="on_constant"):
+        G.check_matrix(x, on_constant="ignore")
+
+
 def test_constant_column_isolated_when_asked_and_never_nan():
     x = sample(chain_precision(10), 200, seed=10)
     x[:, 4] = 1.5
@@ -219,7 +255,7 @@ def test_prescreen_pvalues_candidates_and_topk():
 def test_contrast_rows_seeded_pairing():
     rng = np.random.default_rng(15)
     h, l = rng.normal(size=(7, 3)), rng.normal(size=(9, 3))
-    a, b = G.contrast_rows(h, l, seed=1), G.contrast_rows(h, l, seed=1)
+    a, b = G.contrast_rows(h, l, seed=1, pairing="shuffled"), G.contrast_rows(h, l, seed=1, pairing="shuffled")
     np.testing.assert_array_equal(a, b)
     assert a.shape == (7, 3)
     # Each row is some harmful row minus some harmless row.
@@ -227,6 +263,26 @@ def test_contrast_rows_seeded_pairing():
     assert all(len(v) >= 1 for v in hi)
     np.testing.assert_array_equal(G.contrast_rows(h, l[:7], pairing="index"), h - l[:7])
     np.testing.assert_array_equal(G.data_matrix(h, mode="harmful_only"), h)
+
+
+def test_contrast_pairing_defaults_to_index_as_in_the_study():
+    """The study's rows come paired by index (data.pair): contrast_rows / data_matrix do the same by
+    default (row i = harmful_i - harmless_i, truncated to the shorter list); "shuffled" is opt-in."""
+    rng = np.random.default_rng(16)
+    h, l = rng.normal(size=(7, 3)), rng.normal(size=(9, 3))
+    want = h - l[:7]  # by hand, float64
+    np.testing.assert_array_equal(G.contrast_rows(h, l), want)
+    np.testing.assert_array_equal(G.data_matrix(h, l), want)
+    np.testing.assert_array_equal(G.data_matrix(h, l, seed=5), want)  # the seed only moves "shuffled"
+    np.testing.assert_array_equal(G.data_matrix(l, h), l[:7] - h)
+    shuffled = G.data_matrix(h, l, seed=1, pairing="shuffled")
+    np.testing.assert_array_equal(shuffled, G.contrast_rows(h, l, seed=1, pairing="shuffled"))
+    # The shuffled pairing is the documented one: each list permuted with default_rng(seed), then paired.
+    r = np.random.default_rng(1)
+    np.testing.assert_array_equal(shuffled, h[r.permutation(7)[:7]] - l[r.permutation(9)[:7]])
+    assert not np.array_equal(shuffled, want)
+    with pytest.raises(ValueError, match="pairing"):
+        G.data_matrix(h, l, pairing="random")
 
 
 def test_graph_utilities_on_hand_made_graphs():

@@ -1,6 +1,7 @@
 """The AOT planner on a small config: compiles generation and collection on abstract shapes (no
 weights) for a mesh of simulated devices and reports per-device memory with a verdict."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,12 +29,16 @@ def test_plan_small_config_in_process():
                        device_memory_gb=1.0, headroom=0.1, nodes=16)
     gen, col = res
     assert (gen.program, col.program) == ("generation", "collection")
-    # Parameters and cache per device are exact shard sizes.
-    layout = S.make_layout(cfg, S.make_mesh((2, 1, 4)), "generation")
-    assert gen.params == sum(
-        int(__import__("math").prod(s.sharding.shard_shape(s.shape))) * 2
-        for s in __import__("jax").tree.leaves(S.abstract_sharded_params(cfg, layout, jnp.bfloat16)))
-    assert gen.params < cfg.num_params() * 2 / 2  # really split (tensor=4), not replicated
+    # Parameters per device, counted independently on HF's own model of the same config (meta device:
+    # shapes only). The "generation" rules are Megatron tensor parallelism: every weight matrix (embed
+    # and lm_head by vocab, q/k/v/o by heads, gate/up/down by mlp) is cut 4 ways over tensor=4 and the
+    # RMSNorm vectors are replicated; nothing is cut over data. bf16: 2 bytes each.
+    hf = [p.shape for p in _hf_meta_model(SHAPE).parameters()]
+    assert {len(s) for s in hf} == {1, 2}  # matrices and norm vectors only (no biases in SHAPE)
+    matrices = sum(math.prod(s) for s in hf if len(s) == 2)
+    vectors = sum(math.prod(s) for s in hf if len(s) == 1)
+    assert gen.params == 2 * (matrices // 4 + vectors)
+    # The KV cache: K and V x layers x batch / data x context x kv_heads / tensor x head_dim x 2 bytes.
     assert gen.kv_cache == 2 * 2 * (8 // 2) * 96 * (4 // 4) * 16 * 2
     assert gen.temporaries >= gen.kv_cache  # the cache lives inside the generation program
     for r in res:
@@ -42,6 +47,45 @@ def test_plan_small_config_in_process():
     tight = planner.plan(cfg, (2, 1, 4), "generation", batch=8, context=96, new_tokens=32, dtype=jnp.bfloat16,
                          device_memory_gb=gen.total / 1e9 / 0.95, headroom=0.1, programs=("generation",))[0]
     assert not tight.fits and "does not fit" in tight.row()
+
+
+def _hf_meta_model(shape: dict):
+    """HF's own model for an HF-style shape dict, on the meta device (no memory, no weights)."""
+    import torch
+    import transformers
+
+    d = dict(shape)
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(hf_cfg)
+
+
+# Published totals (the safetensors metadata of the hub checkpoints): a third, external count.
+PUBLISHED = {"smollm2_135m": 134_515_008, "llama_3_2_1b": 1_235_814_400, "llama_3_1_8b": 8_030_261_248,
+             "qwen2_5_7b": 7_615_616_512}
+
+
+def test_param_counts_equal_hf_models_of_the_same_config():
+    """ModelConfig.num_params (the planner's count) and the Flax parameter tree (convert.abstract_params)
+    against HF's num_parameters() of the same config built on the meta device, for the test's SHAPE and
+    real configs: tied embeddings (SmolLM2, Llama 3.2 1B), attention biases (Qwen2.5), llama3 RoPE."""
+    import jax
+
+    from cna_jax import convert
+    from cna_jax.config import load_config_file
+
+    shapes = {"small": SHAPE}
+    for name in PUBLISHED:
+        shapes[name] = load_config_file(os.path.join(ROOT, "configs", f"pairs.py:{name}")).model.shape.to_dict()
+    for name, shape in shapes.items():
+        want = _hf_meta_model(shape).num_parameters()
+        assert from_hf_dict(shape).num_params() == want, name
+        if name in PUBLISHED:
+            assert want == PUBLISHED[name], name
+        # The Flax tree on two layers (per-layer shapes unchanged; tracing 32 layers only costs time).
+        two = {**shape, "num_hidden_layers": 2}
+        tree = convert.abstract_params(from_hf_dict(two))
+        assert sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) == _hf_meta_model(two).num_parameters(), name
 
 
 def test_plan_rejects_non_dividing_mesh():

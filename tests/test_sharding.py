@@ -261,8 +261,29 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     np.testing.assert_allclose(np.asarray(res.rss), np.asarray(ref.rss), rtol=0, atol=1e-5)
     assert np.all(np.asarray(res.gap) <= 1e-4) and np.all(np.asarray(ref.gap) <= 1e-4)
     assert np.abs(np.asarray(res.n_iter) - np.asarray(ref.n_iter)).max() <= 1
-    # Each device solved its own block of nodes: the coefficients come back split over all 8.
-    assert len({s.device for s in res.coef.addressable_shards}) == 8 or shape == (8, 1, 1)
+    # Each device solved its own block of nodes. The solver's answer is cut back to the p real nodes
+    # (that slice may be replicated: 8 devices hold it either way), so the split is read on the padded
+    # program's own output: its node axis must be cut into one distinct block per device of the mesh
+    # axes the layout assigns to ``nodes``, N / n_dev nodes each (a replicated or partly split output
+    # has fewer distinct blocks or bigger ones).
+    nodes_axes = layout.rules_dict["nodes"]
+    nodes_axes = (nodes_axes,) if isinstance(nodes_axes, str) else tuple(nodes_axes or ())
+    n_dev = int(np.prod([layout.mesh.shape[a] for a in nodes_axes]))
+    assert n_dev == 8  # nodes span data x fsdp x tensor: every device of each mesh here
+    n_pad = n_dev * p  # a multiple of the device count; the extra problems are inert (no candidates)
+    pad = n_pad - p
+    k = cand.shape[1]
+    padded = (jnp.concatenate([sub, jnp.broadcast_to(jnp.eye(k, dtype=sub.dtype), (pad, k, k))]),
+              jnp.concatenate([xty, jnp.zeros((pad, k), xty.dtype)]), jnp.concatenate([yty, jnp.ones((pad,))]),
+              jnp.concatenate([cmask, jnp.zeros((pad, k), bool)]), jnp.concatenate([grid, jnp.ones((pad, 10))]))
+    full = fit.solver.jitted(*padded, jnp.asarray(1e-4, jnp.float32))
+    shards = full.coef.addressable_shards
+    blocks = {s.index[1].indices(n_pad) for s in shards}
+    assert len({s.device for s in shards}) == n_dev and len(blocks) == n_dev, (blocks, full.coef.sharding)
+    assert {s.data.shape for s in shards} == {(10, n_pad // n_dev, k)}
+    assert sorted(b[0] for b in blocks) == list(range(0, n_pad, n_pad // n_dev))
+    np.testing.assert_array_equal(np.asarray(full.coef)[:, p:], 0.0)  # inert padding stays 0
+    np.testing.assert_array_equal(np.asarray(full.coef)[:, :p], np.asarray(res.coef))  # same program, same nodes
 
 
 def test_distributed_helpers_single_process():
