@@ -185,7 +185,7 @@ def test_llama70b_kv_heads_on_tensor16_error_and_fallbacks():
     """Pitfall 8 on the real shape (no devices needed beyond an abstract check of divisibility)."""
     import importlib
 
-    shape = importlib.import_module("configs.llama_3_1_70b").get_config().model.shape.to_dict()
+    shape = importlib.import_module("configs.pairs").get_config("llama_3_1_70b").model.shape.to_dict()
     cfg = from_hf_dict(shape)
     devices = np.asarray(jax.devices() * 2, dtype=object)[:16]  # 16 entries: shape checks only
     mesh = jax.sharding.Mesh(devices.reshape(1, 1, 16), S.AXES)
