@@ -20,8 +20,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -47,6 +47,17 @@ def left_padded_batch(rng: np.random.Generator, vocab: int, lengths, total: int)
     return tokens, valid
 
 
+def left_pad_ids(ids):
+    """Token lists left-padded with NumPy (independently of cna_jax.lm.left_pad): (tokens int64, valid)."""
+    width = max(map(len, ids))
+    tokens = np.zeros((len(ids), width), np.int64)
+    valid = np.zeros((len(ids), width), bool)
+    for r, row in enumerate(ids):
+        tokens[r, width - len(row):] = row
+        valid[r, width - len(row):] = True
+    return tokens, valid
+
+
 def hf_logits(model, tokens, valid):
     """HF logits for a left-padded batch with HF's own position handling (as in generate)."""
     mask = torch.tensor(valid.astype(np.int64))

@@ -12,7 +12,7 @@ from cna_jax.collect import Activations, collect, collect_batch
 from cna_jax.lm import bucket, left_pad, shared_prefix_length
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import multiplier
-from hf_models import save_tiny
+from hf_models import left_pad_ids, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,12 +196,7 @@ def test_discover_smollm2_equals_hf_reference(smollm2_lm, smollm2_hf):
     ns, delta = discover(smollm2_lm, harmful, harmless, progress=False)
 
     ids = smollm2_lm.encode(harmful + harmless)  # the model input; what is under test is what follows
-    width = max(map(len, ids))
-    tokens = np.zeros((len(ids), width), np.int64)
-    valid = np.zeros((len(ids), width), bool)
-    for r, row in enumerate(ids):
-        tokens[r, width - len(row):] = row
-        valid[r, width - len(row):] = True
+    tokens, valid = left_pad_ids(ids)
     acts = hf_down_proj_inputs(smollm2_hf, tokens, valid)[:, :, -1].astype(np.float64)  # [L, 6, I]
     ref = acts[:, :3].mean(1) - acts[:, 3:].mean(1)  # [L, I]
     # Each activation matches HF's to 1e-4 (test_smollm2_collect_equals_hf_prehook: float32 sums over

@@ -5,7 +5,7 @@ import torch
 
 from cna_jax import convert
 from cna_jax.generate import generate, greedy_generate
-from cna_jax.lm import LM, bucket, left_pad, shared_prefix_length
+from cna_jax.lm import bucket, left_pad, shared_prefix_length
 from cna_jax.neurons import multiplier
 from hf_models import save_tiny
 

@@ -11,7 +11,7 @@ import torch
 from cna_jax import convert
 from cna_jax.models import ConfigError, forward, from_hf_dict
 from cna_jax.neurons import NeuronSet, multiplier
-from hf_models import hf_logits, left_padded_batch, save_tiny
+from hf_models import hf_logits, left_pad_ids, left_padded_batch, save_tiny
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -248,12 +248,7 @@ NATURAL = [
 def smollm2_natural(smollm2_lm, smollm2_hf):
     """(tokens, valid, HF float32 logits as float64) for NATURAL, left-padded here with NumPy."""
     ids = [smollm2_lm.tokenizer(t)["input_ids"] for t in NATURAL]  # 76 and 65 tokens
-    width = max(map(len, ids))
-    tokens = np.zeros((len(ids), width), np.int64)
-    valid = np.zeros((len(ids), width), bool)
-    for r, row in enumerate(ids):
-        tokens[r, width - len(row):] = row
-        valid[r, width - len(row):] = True
+    tokens, valid = left_pad_ids(ids)
     return tokens, valid, hf_logits(smollm2_hf, tokens, valid).astype(np.float64)
 
 
