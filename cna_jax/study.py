@@ -275,9 +275,11 @@ class Study:
         def run(stage):
             lm = self.lm("instruct")
             done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
-            names = list(dict.fromkeys(id(n) for _, _, n, _ in items))  # one condition per neuron set
-            sets = {id(n): n for _, _, n, _ in items}
-            conds = [engine.Condition(None if sets[k] is None else sets[k].multiplier(g.multiplier)) for k in names]
+            cond_of, conds = {}, []  # one engine condition per distinct neuron set (None: no intervention)
+            for _, _, n, _ in items:
+                if id(n) not in cond_of:
+                    cond_of[id(n)] = len(conds)
+                    conds.append(engine.Condition(None if n is None else n.multiplier(g.multiplier)))
             ids = {}
             for _, prompts, _, _ in items:
                 if id(prompts) not in ids:
@@ -288,7 +290,7 @@ class Study:
             for item, prompts, neurons, _ in items:
                 for i, tok in enumerate(ids[id(prompts)]):
                     if (item, i) not in done:
-                        todo.append((tok[q:], names.index(id(neurons))))
+                        todo.append((tok[q:], cond_of[id(neurons)]))
                         where.append((item, i))
             log.info("generation: %d rows (%d done before), %d conditions", len(todo) + len(done), len(done),
                      len(conds))
