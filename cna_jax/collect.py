@@ -10,6 +10,7 @@ Results save with their metadata and are reused when the same inputs come again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax.batching import padded_batches, split_shared_prefix
 from cna_jax.distributed import agree, barrier, is_writer
-from cna_jax.lm import LM, padded_batches, split_shared_prefix
+from cna_jax.lm import LM
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions, prefix_cache
+from cna_jax.sharding import Layout, ShardedFunction
 
 POSITIONS = ("last", "last_k", "all")
 
@@ -67,6 +70,18 @@ def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_to
 
 
 collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
+    """:func:`collect_fn` with the batch split over the layout's batch axes (use the ``collection``
+    preset): ``(params, tokens, valid, select, select_valid [B,P], neuron_mult | None, node_index [N],
+    prefix_tokens [Q] | None) -> (sums [L,I], sumsq [L,I], node_acts [B,P,N])``. A shared prefix is
+    replicated and run once at batch 1 (unconstrained); the batch-split rows read its keys and values."""
+    in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.batch(2), layout.batch(2),
+             layout.sharding(("layers", "neurons")), layout.replicated(), layout.replicated())
+    out_sh = (layout.sharding(("layers", "neurons")), layout.sharding(("layers", "neurons")), layout.batch(3))
+    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype})
 
 
 @dataclasses.dataclass
@@ -205,7 +220,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     sumsq = np.zeros_like(sums)
     count = 0
     rows, row_prompt = [], []
-    run = collect_batch if lm.layout is None else lm.sharded("collect")
+    run = collect_batch if lm.layout is None else sharded_collect(cfg, lm.layout, lm.dtype)
     static = {"cfg": cfg, "dtype": lm.dtype} if lm.layout is None else {}
     for batch_rows, tokens, valid in padded_batches(rows_ids, batch_size, lm.pad_id(), progress, desc,
                                                     lm.batch_multiple(), COLLECT_LENGTH_MULTIPLE):

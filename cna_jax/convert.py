@@ -14,15 +14,14 @@ import re
 import struct
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from cna_jax.models import abstract_params  # noqa: F401  (part of this module's interface)
 from cna_jax.models.config import ConfigError, ModelConfig, from_hf_config_file, from_hf_dict
-from cna_jax.models.llama import Decoder
 
 
 class ConversionError(ValueError):
@@ -259,15 +258,6 @@ def flax_path(key: str) -> tuple[str, Transform] | None:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, path, key), transform
     return None
-
-
-def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
-    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no memory), with logical-axis boxes removed."""
-    model = Decoder(cfg, dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, jnp.ones((1, 1, 1), bool)))["params"]
-    return nn.meta.unbox(shapes)
 
 
 def load_params(reader, cfg: ModelConfig, dtype=jnp.float32, shardings=None, progress: bool = False) -> dict:

@@ -320,23 +320,28 @@ def choose(path, cv_loss, grid, cand, cmask, const, n_rows: int, st: GraphSettin
                 n_candidates=jnp.sum(cmask, axis=1), max_gap=jnp.max(path.gap), constant=const)
 
 
-def select_arrays(z, gram, const, cand, cmask, fold_ids, st: GraphSettings):
+def select_arrays(z, gram, const, cand, cmask, fold_ids, st: GraphSettings, solver=None):
     """Stage 2: LASSO paths over candidates [p, K], per-node λ, merge. fold_ids [rows] (CV only).
+
+    ``solver``: the candidate-set path solver ``(sub_gram, xty, yty, mask, lambdas, tol) -> PathResult``;
+    None is :func:`cna_jax.lasso.lasso_path_candidates` (traced into the caller's jit), and
+    :func:`cna_jax.lasso.sharded_lasso` splits the node axis over a mesh.
 
     Returns adjacency [p, p] bool (merged, undirected), directed [p, p] bool (``[j, i]`` = node j
     selects i), lam [p] selected λ, n_candidates [p], max_gap (relative duality gap, max over nodes
     and λ), constant [p] bool.
     """
+    solve = solver or functools.partial(lasso.lasso_path_candidates, max_iter=st.max_iter)
     n, p = z.shape
     sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, jnp.arange(p))
     grid = _grid(jnp.max(jnp.abs(xty), axis=1), st)
-    path = lasso.lasso_path_candidates(sub, xty, yty, cmask, grid, st.tol, max_iter=st.max_iter)
+    path = solve(sub, xty, yty, cmask, grid, st.tol)
     loss = None
     if st.criterion == "cv":
         loss = jnp.zeros_like(path.rss)
         for f in range(st.cv_folds):
             (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(z, cand, cmask, fold_ids, f)
-            pf = lasso.lasso_path_candidates(s_tr, c_tr, y_tr, cmask, grid, st.tol, max_iter=st.max_iter)
+            pf = solve(s_tr, c_tr, y_tr, cmask, grid, st.tol)
             loss = loss + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
     return choose(path, loss, grid, cand, cmask, const, n, st)
 
@@ -379,17 +384,46 @@ def _fold_ids(n: int, folds: int, rng):
     return rng.permutation(np.arange(n) % folds).astype(np.int32)
 
 
-def fit_graph(x, settings: Optional[GraphSettings] = None, check: bool = True):
-    """One graph (no resampling) from x [rows, nodes]; NumPy versions of :func:`select_arrays`."""
+def fit_graph(x, settings: Optional[GraphSettings] = None, check: bool = True, solver=None):
+    """One graph (no resampling) from x [rows, nodes]; NumPy versions of :func:`select_arrays`.
+
+    ``solver`` (prescreen only): a candidate-set path solver for :func:`select_arrays`, e.g.
+    :func:`cna_jax.lasso.sharded_lasso`; the screen is the same jitted stage either way, and the rest of
+    stage 2 then runs around the solver's own jitted calls instead of inside one jit."""
     st = settings or GraphSettings()
+    if solver is not None and not st.prescreen:
+        raise ValueError("a solver splits the candidate-set problems: use prescreen=True (the dense "
+                         "all-node solver runs on one device)")
     if check:
         x = check_matrix(x, on_constant=st.on_constant)
     with _precision(st):
         xj = jnp.asarray(x, st.dtype)[None]
         folds = jnp.asarray(_fold_ids(x.shape[0], st.cv_folds, np.random.default_rng(st.seed)))[None]
-        out = fit_graph_batch(xj, folds, st)
-        k = out.pop("k_solved")
-        return dict({name: np.asarray(v[0]) for name, v in out.items()}, k_solved=k)
+        if solver is None:
+            out = fit_graph_batch(xj, folds, st)
+            k = out.pop("k_solved")
+            out = {name: v[0] for name, v in out.items()}
+        else:
+            s = {name: v[0] for name, v in _batched(st)[1](xj).items()}
+            k = solved_width(s["cand_mask"])
+            out = select_arrays(s["z"], s["gram"], s["constant"], s["cand"][:, :k], s["cand_mask"][:, :k], folds[0],
+                                st, solver)
+        return dict({name: np.asarray(v) for name, v in out.items()}, k_solved=k)
+
+
+def sharded_fit_graph(layout, settings: Optional[GraphSettings] = None):
+    """:func:`fit_graph` with the LASSO paths (the cost) split over the layout's ``nodes`` mesh axes
+    (:func:`cna_jax.lasso.sharded_lasso`; ``cna_jax.sharding.node_layout(mesh)`` uses every device):
+    ``x [rows, nodes] -> dict`` as :func:`fit_graph`; the solver is the function's ``solver`` attribute."""
+    from cna_jax.sharding import ShardingError
+
+    st = settings or GraphSettings()
+    if not st.prescreen:
+        raise ShardingError("sharded_fit_graph splits the candidate-set solver over nodes: use prescreen=True "
+                            "(the dense all-node solver runs on one device through cna_jax.graph.fit_graph)")
+    fit = functools.partial(fit_graph, settings=st, solver=lasso.sharded_lasso(layout, st.max_iter))
+    fit.solver = fit.keywords["solver"]
+    return fit
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cna_jax.sharding import Layout, ShardingError
 
 CRITERIA = ("ebic", "bic", "cv", "fixed")
 MERGES = ("and", "or")
@@ -452,3 +455,78 @@ class LassoSettings:
             raise ValueError("fixed_lambda must be > 0")
         if not self.tol > 0 or self.max_iter < 1:
             raise ValueError("tol must be > 0 and max_iter >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The candidate-set solver with its node axis split over a mesh
+# ---------------------------------------------------------------------------------------------------
+def _pad_candidate_problems(sub_gram, xty, yty, mask, lambdas, to: int):
+    """Pads the node axis with inert problems: no candidates (unit diagonal), y'y = 1, λ = 1. Their
+    coefficients stay 0 and their duality gap is exactly 0, so no solver loop runs for them and every
+    real node's result is unchanged."""
+    n = xty.shape[0]
+    if to == n:
+        return sub_gram, xty, yty, mask, lambdas
+    pad = to - n
+    k = xty.shape[1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=sub_gram.dtype), (pad, k, k))
+    return (jnp.concatenate([sub_gram, eye]), jnp.concatenate([xty, jnp.zeros((pad, k), xty.dtype)]),
+            jnp.concatenate([yty, jnp.ones((pad,), yty.dtype)]), jnp.concatenate([mask, jnp.zeros((pad, k), bool)]),
+            jnp.concatenate([lambdas, jnp.ones((pad, lambdas.shape[1]), lambdas.dtype)]))
+
+
+# How each per-λ summary of PathResult combines over the devices' node blocks.
+_PATH_REDUCTIONS = {"n_iter": "max", "node_sweeps": "sum"}
+
+
+def sharded_lasso(layout: Layout, max_iter: int = 1000, chunk: int = 64) -> Callable:
+    """:func:`lasso_path_candidates` with its node axis split over the layout's ``nodes`` mesh axes (every
+    device under :func:`cna_jax.sharding.node_layout`; ``shard_map``: each device solves its own block):
+    ``(sub_gram [N,K,K], xty [N,K], yty [N], mask [N,K], lambdas [N,T], tol) -> PathResult``.
+
+    The solver works in chunks of ``chunk`` nodes, each stopping a λ when all of its nodes converge.
+    N is padded with inert problems to a multiple of devices x chunk, so every device's chunks are
+    exactly the single-device solver's chunks: the result equals one device's, bit for bit.
+    """
+    try:
+        shard_map = jax.shard_map
+    except AttributeError:  # older JAX
+        from jax.experimental.shard_map import shard_map
+    mesh = layout.mesh
+    axes = layout.axes("nodes")
+    n_dev = layout.axes_size("nodes")
+    fields = PathResult._fields
+    unknown = [f for f in fields if f not in ("coef", "gap", "rss", "df") and f not in _PATH_REDUCTIONS]
+    if unknown:
+        raise ShardingError(f"sharded_lasso does not know how to combine PathResult field(s) {unknown} over "
+                            "devices; add them to _PATH_REDUCTIONS")
+    node_specs = {"coef": P(None, axes, None), "gap": P(None, axes), "rss": P(None, axes), "df": P(None, axes)}
+    out_specs = PathResult(**{f: node_specs.get(f, P()) for f in fields})
+    in_specs = (P(axes, None, None), P(axes, None), P(axes), P(axes, None), P(axes, None), P())
+
+    def local(sub_gram, xty, yty, mask, lambdas, tol):
+        res = lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol, max_iter=max_iter, chunk=chunk)
+        red = {f: (jax.lax.pmax if how == "max" else jax.lax.psum)(getattr(res, f), axes)
+               for f, how in _PATH_REDUCTIONS.items()}
+        return res._replace(**red)
+
+    try:  # the solver's loop carries start as constants: no varying-axis type checks
+        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    except TypeError:  # older JAX spells it check_rep
+        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    jitted = jax.jit(mapped, in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
+                     out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
+                                                is_leaf=lambda x: isinstance(x, P)))
+
+    def solve(sub_gram, xty, yty, mask, lambdas, tol=1e-4):
+        sub_gram = jnp.asarray(sub_gram)
+        n = xty.shape[0]
+        c = max(1, min(chunk, n))
+        block = n_dev * c
+        padded = _pad_candidate_problems(sub_gram, jnp.asarray(xty), jnp.asarray(yty), jnp.asarray(mask, bool),
+                                         jnp.asarray(lambdas), -(-n // block) * block)
+        res = jitted(*padded, jnp.asarray(tol, sub_gram.dtype))
+        return res._replace(**{f: getattr(res, f)[:, :n] for f in node_specs})
+
+    solve.jitted = jitted
+    return solve

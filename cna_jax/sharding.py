@@ -1,4 +1,9 @@
-"""Meshes, logical-axis rules and sharded jitted entry points (forward, generation, collection, LASSO).
+"""Meshes, logical-axis rules, layouts and shardings, and the sharded-jit wrapper every entry point uses.
+
+This module sits right above the model (``cna_jax.models``) and imports nothing else of the package: the
+sharded entry points live beside their pure functions (``collect.sharded_collect``, ``lasso.sharded_lasso``,
+``graph.sharded_fit_graph``, the engine's ``sharded_functions``); only the model's own forward pass
+(:func:`sharded_forward`) is here.
 
 The mesh always has the three axes ``(data, fsdp, tensor)``; sizes come from the config's ``mesh``
 section, where ``-1`` means "all remaining devices". Every parameter of the Flax decoder carries
@@ -38,7 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import CACHE_AXES, CACHE_SHARDING, Decoder, KVCache
+from cna_jax.models import abstract_params, boxed_params, forward_fn
+from cna_jax.models.llama import CACHE_AXES, CACHE_SHARDING, KVCache
 
 AXES = ("data", "fsdp", "tensor")
 KV_FALLBACKS = (None, "replicate", "batch")
@@ -171,8 +177,16 @@ class Layout:
         """[batch, ...] inputs (tokens, masks)."""
         return self.sharding(("batch",) + (None,) * (ndim - 1))
 
+    def axes(self, logical: str) -> tuple[str, ...]:
+        """The mesh axes the logical axis ``logical`` is split over (``()``: replicated)."""
+        return _axes_tuple(self.rules_dict.get(logical))
+
+    def axes_size(self, logical: str) -> int:
+        """Into how many blocks ``logical`` is split (the product of its mesh axes' sizes)."""
+        return _axes_size(self.mesh, self.rules_dict.get(logical))
+
     def batch_size_multiple(self) -> int:
-        return _axes_size(self.mesh, self.rules_dict.get("batch"))
+        return self.axes_size("batch")
 
     def params(self, cfg: ModelConfig, dtype=jnp.float32) -> dict:
         """Tree of NamedSharding matching the parameter tree (from the logical boxes of ``init``)."""
@@ -285,10 +299,7 @@ def layout_from_config(cfg: ModelConfig, mesh_config, devices=None, *, preset: s
 # ---------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def _logical_param_specs(cfg: ModelConfig, dtype_name: str):
-    model = Decoder(cfg, jnp.dtype(dtype_name))
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, jnp.ones((1, 1, 1), bool)))
-    return nn.get_partition_spec(boxed)["params"]
+    return nn.get_partition_spec(boxed_params(cfg, jnp.dtype(dtype_name)))
 
 
 def logical_param_specs(cfg: ModelConfig, dtype=jnp.float32) -> dict:
@@ -303,8 +314,6 @@ def param_shardings(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> dict
 
 def abstract_sharded_params(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> dict:
     """``ShapeDtypeStruct`` leaves carrying their NamedSharding (AOT compilation, Orbax restore targets)."""
-    from cna_jax.convert import abstract_params
-
     shapes = abstract_params(cfg, dtype)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         param_shardings(cfg, layout, dtype))
@@ -340,10 +349,12 @@ class ShardedFunction:
 
     Call it like the function (without the static keywords); ``lower(*args)`` works on arrays or
     ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`). Trailing dynamic arguments left
-    out are None (optional arguments such as collection's ``prefix_tokens``).
+    out are None (optional arguments such as collection's ``prefix_tokens``). ``donate``: positions of
+    dynamic arguments whose buffers the outputs may reuse (``jax.jit``'s ``donate_argnums``).
     """
 
-    def __init__(self, fn: Callable, layout: Layout, in_shardings, out_shardings, static: dict):
+    def __init__(self, fn: Callable, layout: Layout, in_shardings, out_shardings, static: dict,
+                 donate: tuple[int, ...] = ()):
         self.layout = layout
         self.static = dict(static)
         names = tuple(self.static)
@@ -361,7 +372,7 @@ class ShardedFunction:
         self.fn = fn
         self.n_dynamic = n_dyn
         self.jitted = jax.jit(traced, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
-                              static_argnums=tuple(range(n_dyn, n_dyn + len(names))))
+                              static_argnums=tuple(range(n_dyn, n_dyn + len(names))), donate_argnums=donate)
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
 
@@ -380,173 +391,14 @@ class ShardedFunction:
 
 def sharded_forward(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
     """``(params, tokens [B,T], valid [B,T], neuron_mult [L,I] | None) -> logits [B,T,V]`` on the mesh."""
-    from cna_jax.models import forward_fn
-
     in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.sharding(("layers", "neurons")))
     out_sh = layout.sharding(("batch", "length", "act_vocab"))
     return ShardedFunction(forward_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype})
 
 
-def sharded_generate(cfg: ModelConfig, layout: Layout, dtype=jnp.float32, max_new_tokens: int = 150
-                     ) -> ShardedFunction:
-    """Greedy generation: ``(params, tokens, valid, neuron_mult | None, eos_ids[, prefix_tokens [Q] | None])
-    -> (new_tokens [B,N], num_generated [B])``; the KV cache lives in ``layout.cache()`` shardings."""
-    from cna_jax.generate import greedy_generate_fn
-
-    in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.sharding(("layers", "neurons")),
-             layout.replicated(), layout.replicated())
-    out_sh = (layout.batch(2), layout.batch(1))
-    return ShardedFunction(greedy_generate_fn, layout, in_sh, out_sh,
-                           {"cfg": cfg, "dtype": dtype, "max_new_tokens": max_new_tokens})
-
-
-def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
-    """Activation collection (``cna_jax.collect.collect_fn``) with the batch split over the batch axes:
-    ``(params, tokens, valid, select, select_valid [B,P], neuron_mult | None, node_index [N],
-    prefix_tokens [Q] | None) -> (sums [L,I], sumsq [L,I], node_acts [B,P,N])``; use the ``collection``
-    preset. A shared prefix is replicated and run once at batch 1 (unconstrained); the batch-split rows
-    read its keys and values."""
-    from cna_jax.collect import collect_fn
-
-    in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.batch(2), layout.batch(2),
-             layout.sharding(("layers", "neurons")), layout.replicated(), layout.replicated())
-    out_sh = (layout.sharding(("layers", "neurons")), layout.sharding(("layers", "neurons")), layout.batch(3))
-    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype})
-
-
 # ---------------------------------------------------------------------------------------------------
-# LASSO: the node axis of the batched solvers split over every device
+# The node axis of the batched LASSO solvers (cna_jax.lasso.sharded_lasso) over every device
 # ---------------------------------------------------------------------------------------------------
 def node_layout(mesh: Mesh) -> Layout:
     """A layout whose ``nodes`` axis spans every device of the mesh (data x fsdp x tensor)."""
     return Layout(mesh, tuple(sorted(RULE_PRESETS["generation"].items())), "generation")
-
-
-def pad_nodes(n_nodes: int, mesh: Mesh) -> int:
-    """Node count rounded up to a multiple of the device count."""
-    return -(-n_nodes // mesh.size) * mesh.size
-
-
-def _pad_candidate_problems(sub_gram, xty, yty, mask, lambdas, to: int):
-    """Pads the node axis with inert problems: no candidates (unit diagonal), y'y = 1, λ = 1. Their
-    coefficients stay 0 and their duality gap is exactly 0, so no solver loop runs for them and every
-    real node's result is unchanged."""
-    n = xty.shape[0]
-    if to == n:
-        return sub_gram, xty, yty, mask, lambdas
-    pad = to - n
-    k = xty.shape[1]
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=sub_gram.dtype), (pad, k, k))
-    return (jnp.concatenate([sub_gram, eye]), jnp.concatenate([xty, jnp.zeros((pad, k), xty.dtype)]),
-            jnp.concatenate([yty, jnp.ones((pad,), yty.dtype)]), jnp.concatenate([mask, jnp.zeros((pad, k), bool)]),
-            jnp.concatenate([lambdas, jnp.ones((pad, lambdas.shape[1]), lambdas.dtype)]))
-
-
-# How each per-λ summary of lasso.PathResult combines over the devices' node blocks.
-_PATH_REDUCTIONS = {"n_iter": "max", "node_sweeps": "sum"}
-
-
-def sharded_lasso(layout: Layout, max_iter: int = 1000, chunk: int = 64) -> Callable:
-    """The candidate-set LASSO path solver (``cna_jax.lasso.lasso_path_candidates``) with its node axis
-    split over every device of the mesh (``shard_map``: each device solves its own block of nodes):
-    ``(sub_gram [N,K,K], xty [N,K], yty [N], mask [N,K], lambdas [N,T], tol) -> PathResult``.
-
-    The solver works in chunks of ``chunk`` nodes, each stopping a λ when all of its nodes converge.
-    N is padded with inert problems to a multiple of devices x chunk, so every device's chunks are
-    exactly the single-device solver's chunks: the result equals one device's, bit for bit.
-    """
-    from cna_jax import lasso
-
-    try:
-        shard_map = jax.shard_map
-    except AttributeError:  # older JAX
-        from jax.experimental.shard_map import shard_map
-    mesh = layout.mesh
-    axes = _axes_tuple(layout.rules_dict.get("nodes"))
-    n_dev = _axes_size(mesh, axes)
-    fields = lasso.PathResult._fields
-    unknown = [f for f in fields if f not in ("coef", "gap", "rss", "df") and f not in _PATH_REDUCTIONS]
-    if unknown:
-        raise ShardingError(f"sharded_lasso does not know how to combine PathResult field(s) {unknown} over "
-                            "devices; add them to cna_jax.sharding._PATH_REDUCTIONS")
-    node_specs = {"coef": P(None, axes, None), "gap": P(None, axes), "rss": P(None, axes), "df": P(None, axes)}
-    out_specs = lasso.PathResult(**{f: node_specs.get(f, P()) for f in fields})
-    in_specs = (P(axes, None, None), P(axes, None), P(axes), P(axes, None), P(axes, None), P())
-
-    def local(sub_gram, xty, yty, mask, lambdas, tol):
-        res = lasso.lasso_path_candidates(sub_gram, xty, yty, mask, lambdas, tol, max_iter=max_iter, chunk=chunk)
-        red = {f: (jax.lax.pmax if how == "max" else jax.lax.psum)(getattr(res, f), axes)
-               for f, how in _PATH_REDUCTIONS.items()}
-        return res._replace(**red)
-
-    try:  # the solver's loop carries start as constants: no varying-axis type checks
-        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    except TypeError:  # older JAX spells it check_rep
-        mapped = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-    jitted = jax.jit(mapped, in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
-                     out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
-                                                is_leaf=lambda x: isinstance(x, P)))
-
-    def solve(sub_gram, xty, yty, mask, lambdas, tol=1e-4):
-        sub_gram = jnp.asarray(sub_gram)
-        n = xty.shape[0]
-        c = max(1, min(chunk, n))
-        block = n_dev * c
-        padded = _pad_candidate_problems(sub_gram, jnp.asarray(xty), jnp.asarray(yty), jnp.asarray(mask, bool),
-                                         jnp.asarray(lambdas), -(-n // block) * block)
-        res = jitted(*padded, jnp.asarray(tol, sub_gram.dtype))
-        return res._replace(**{f: getattr(res, f)[:, :n] for f in node_specs})
-
-    solve.jitted = jitted
-    return solve
-
-
-def sharded_fit_graph(layout: Layout, settings=None) -> Callable:
-    """One nodewise-LASSO graph with ``cna_jax.graph.fit_graph`` semantics whose LASSO paths run with
-    the node axis split over every device: ``x [rows, nodes] -> dict`` of NumPy arrays (adjacency,
-    directed, lam, n_candidates, max_gap, constant, k_solved).
-
-    The screen, the CV folds' problems and λ selection / merging are ``graph``'s own functions
-    (``screen_arrays``, ``fold_problems``, ``choose``), as in ``graph.select_arrays``; the path solves
-    (the cost) go through :func:`sharded_lasso`.
-    """
-    from cna_jax import graph, lasso
-
-    st = settings or graph.GraphSettings()
-    if not st.prescreen:
-        raise ShardingError("sharded_fit_graph splits the candidate-set solver over nodes: use prescreen=True "
-                            "(the dense all-node solver runs on one device through cna_jax.graph.fit_graph)")
-    solver = sharded_lasso(layout, st.max_iter)
-    screen_j = jax.jit(lambda x: graph.screen_arrays(x, st))
-    fold_problems = jax.jit(graph.fold_problems, static_argnames=("fold",))
-    choose = jax.jit(functools.partial(graph.choose, st=st), static_argnames=("n_rows",))
-
-    @jax.jit
-    def problems(gram, cand, cmask):
-        sub, xty, yty = lasso.gather_candidates(gram, cand, cmask, jnp.arange(gram.shape[0]))
-        return sub, xty, yty, graph._grid(jnp.max(jnp.abs(xty), axis=1), st)
-
-    def fit(x, check: bool = True):
-        if check:
-            x = graph.check_matrix(x, on_constant=st.on_constant)
-        with graph._precision(st):
-            xj = jnp.asarray(x, st.dtype)
-            n = xj.shape[0]
-            s = screen_j(xj)
-            k = graph.solved_width(s["cand_mask"])
-            cand, cmask = s["cand"][:, :k], s["cand_mask"][:, :k]
-            sub, xty, yty, grid = problems(s["gram"], cand, cmask)
-            path = solver(sub, xty, yty, cmask, grid, st.tol)
-            loss = None
-            if st.criterion == "cv":
-                loss = jnp.zeros_like(path.rss)
-                folds = jnp.asarray(graph._fold_ids(n, st.cv_folds, np.random.default_rng(st.seed)))
-                for f in range(st.cv_folds):
-                    (s_tr, c_tr, y_tr), (s_va, c_va, y_va) = fold_problems(s["z"], cand, cmask, folds, fold=f)
-                    pf = solver(s_tr, c_tr, y_tr, cmask, grid, st.tol)
-                    loss = loss + lasso.validation_loss(pf.coef, s_va, c_va, y_va)
-            out = choose(path, loss, grid, cand, cmask, s["constant"], n_rows=n)
-            return dict({name: np.asarray(v) for name, v in out.items()}, k_solved=k)
-
-    fit.solver = solver
-    return fit

@@ -15,7 +15,9 @@ module builds a tuned copy that does refuse, so the study has a behaviour to fin
 * output: an HF-style directory (``cna_jax.export``) in a cache, keyed by a hash of the recipe, written
   to a temporary directory first and renamed into place, so a crash never leaves a half checkpoint.
 
-``ensure_testbed()`` returns the directory (building it on first use); ``LM.load("testbed")`` loads it.
+``ensure_testbed()`` returns the directory (building it on first use); ``load("testbed")`` loads it (the
+study and the launch scripts load their models through :func:`load`, so ``testbed`` works wherever a
+model source does; ``cna_jax.lm`` itself knows nothing of the testbed).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _source_fingerprint(source: str) -> dict:
     """What identifies a base model on disk without hashing gigabytes: file names, sizes, config text."""
     from cna_jax.lm import resolve_alias
 
-    path = os.path.expanduser(resolve_alias(source))
+    path = os.path.expanduser(resolve_alias(resolve(source)))
     if os.path.isfile(path):
         return {"file": os.path.basename(path), "size": os.path.getsize(path)}
     if os.path.isdir(path):
@@ -324,7 +326,7 @@ def is_complete(path: str) -> bool:
 def build_testbed(recipe: Recipe, out_dir: str, progress: bool = True) -> dict:
     """Builds the tuned model into ``out_dir`` (no atomicity here; see ``ensure_testbed``). Returns build info."""
     t0 = time.time()
-    lm = LM.load(recipe.base)
+    lm = load(recipe.base)
     examples = build_examples(lm, recipe, progress=progress)
     t_data = time.time()
     params, losses = finetune(lm, examples, recipe, progress=progress)
@@ -400,13 +402,27 @@ def ensure_testbed(recipe: Recipe | None = None, cache_dir: str | None = None, f
     return path
 
 
+ALIAS = "testbed"
+
+
+def resolve(source: str) -> str:
+    """``testbed``: the default recipe's directory (:func:`ensure_testbed`, built on first use); any other
+    source unchanged (``cna_jax.lm`` resolves ``smollm2``, directories, GGUF files and hub ids)."""
+    return ensure_testbed() if source == ALIAS else source
+
+
+def load(source: str, **kwargs) -> LM:
+    """``LM.load`` that also accepts ``testbed``; the model's name stays ``source``. kwargs: LM.load's."""
+    return LM.load(resolve(source), name=source, **kwargs)
+
+
 def evaluate(source: str, harmful: Sequence[str], harmless: Sequence[str], max_new_tokens: int = 64,
              batch_size: int = 32, detector: str = "regex", progress: bool = True) -> dict:
     """Refusal rates and harmless quality of one model on the given prompts (greedy, no intervention)."""
     from cna_jax.generate import generate
     from cna_jax.refusal import refusal_report
 
-    lm = LM.load(source)
+    lm = load(source)
     out = {}
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         gens = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,

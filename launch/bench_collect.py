@@ -45,7 +45,7 @@ def main(argv):
 
     from cna_jax import data
     from cna_jax.collect import COLLECT_LENGTH_MULTIPLE, collect, collect_batch
-    from cna_jax.lm import bucket, left_pad, padded_batches, shared_prefix_length
+    from cna_jax.batching import bucket, left_pad, padded_batches, shared_prefix_length
     from cna_jax.models.llama import Decoder, causal_mask, padding_positions
 
     F = flags.FLAGS

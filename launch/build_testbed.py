@@ -4,7 +4,7 @@
     python launch/build_testbed.py --steps=60 --force    # another recipe / rebuild
     python launch/build_testbed.py --eval_n=0            # build only
 
-The tuned model is then available as ``LM.load("testbed")`` (default recipe) or by its printed path.
+The tuned model is then available as ``cna_jax.testbed.load("testbed")`` (default recipe) or by its printed path.
 """
 import json
 import os

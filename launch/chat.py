@@ -20,12 +20,12 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
+    from cna_jax import testbed
     from cna_jax.generate import generate
-    from cna_jax.lm import LM
     from cna_jax.neurons import NeuronSet
 
     F = flags.FLAGS
-    lm = LM.load(F.model, dtype=getattr(jnp, F.dtype), chat=F.chat, progress=True)
+    lm = testbed.load(F.model, dtype=getattr(jnp, F.dtype), chat=F.chat, progress=True)
     cfg = lm.cfg
     if F.neurons.startswith("random:"):
         rng = np.random.default_rng(0)

@@ -30,14 +30,14 @@ def main(argv):
     import numpy as np
 
     from cna_jax import config as config_lib
+    from cna_jax import testbed
     from cna_jax.cna import discover
-    from cna_jax.lm import LM
     from cna_jax.study import discover_kwargs, prepare_prompts
 
     config_lib.validate(c)
     prompts = prepare_prompts(c)  # fails fast on empty / missing prompt sets
     t = time.time()
-    lm = LM.load(c.model[F.side], dtype=getattr(jnp, c.model.dtype), chat=F.side == "instruct", progress=F.progress)
+    lm = testbed.load(c.model[F.side], dtype=getattr(jnp, c.model.dtype), chat=F.side == "instruct", progress=F.progress)
     os.makedirs(F.workdir, exist_ok=True)
     neurons, delta = discover(lm, prompts.train_harmful, prompts.train_harmless,
                               cache_dir=os.path.join(F.workdir, "cache"), progress=F.progress, **discover_kwargs(c))

@@ -1,6 +1,11 @@
 """Plan a model on a mesh without weights: AOT-compile generation and collection on abstract shapes and
 report per-device memory (parameters, KV cache, temporaries) from the compiled programs.
 
+Generation is the engine's (``cna_jax.engine.sharded_functions``): its slot state (the KV cache of every
+slot) is an argument that ``insert`` and ``decode`` update in place, so the program planned is whichever
+of the two peaks higher: the largest ``insert`` (the first fill: every slot at once, or as many rows as
+``engine.PREFILL_TOKENS`` allows at this prompt length) or a ``decode`` chunk.
+
     # the config's own mesh and target (Llama-3.1-70B: preset gpu-8x80, tensor=8 on 8 x 80 GB)
     python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --batch=64
     # another preset: TPU v5e-16 (16 x 16 GB), trying batch sizes largest first
@@ -76,6 +81,7 @@ class ProgramPlan:
     platform: str
     compile_s: float
     compile_dtype: str = ""
+    call: str = ""  # generation: the engine call that peaks ("insert" or "decode")
 
     @property
     def budget(self) -> float:
@@ -93,7 +99,7 @@ class ProgramPlan:
         m = "x".join(map(str, self.mesh))
         return (f"| {self.program} | {m} {self.rules}{'' if not self.kv_heads else ' kv=' + self.kv_heads} | "
                 f"{self.batch} x {self.context} | {self.params / GB:.2f} | {self.kv_cache / GB:.2f} | "
-                f"{(self.temporaries - self.kv_cache) / GB:.2f} | {self.total / GB:.2f} | "
+                f"{self.temporaries / GB:.2f} | {self.total / GB:.2f} | "
                 f"{self.device_memory / GB:.0f} | {100 * self.free_fraction:.1f}% | "
                 f"{'fits' if self.fits else 'does not fit'} |")
 
@@ -104,7 +110,7 @@ class ProgramPlan:
 
 
 HEADER = ("| program | mesh (data x fsdp x tensor) rules | batch x context | params GB | KV cache GB | "
-          "other temporaries GB | total GB | device GB | free | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
+          "temporaries GB | total GB | device GB | free | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def model_config(study):
@@ -127,15 +133,45 @@ def _devices(n: int):
     return cpu[:n]
 
 
+def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, params, chunk: int = 8):
+    """The engine's largest ``insert`` and a ``decode`` chunk on the layout, each as (name, ShardedFunction,
+    abstract arguments). No shared prefix: its cache is one row's."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from cna_jax import engine
+
+    sd = jax.ShapeDtypeStruct
+    width = prompt + new_tokens
+    fns = engine.sharded_functions(cfg, layout, dtype, slots, width, new_tokens, chunk)
+    p = engine.insert_sizes(slots, prompt)[-1]  # the largest prefill call
+    insert = fns.insert.at(p)
+    state_sh, table_sh = fns.decode.in_shardings[1], fns.decode.in_shardings[2]
+    shapes = jax.eval_shape(functools.partial(engine.empty_state_fn, cfg=cfg, dtype=dtype, slots=slots, width=width,
+                                              max_new_tokens=new_tokens))
+    state = jax.tree.map(lambda s, sh: sd(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+    table = tuple(sd(a.shape, a.dtype, sharding=sh)
+                  for a, sh in zip(engine.stack_conditions(cfg, [engine.Condition()]), table_sh))
+    eos = sd((1,), jnp.int32, sharding=layout.replicated())
+    rows = tuple(sd(shape, dt, sharding=sh) for (shape, dt), sh in zip(
+        [((p, prompt), jnp.int32), ((p, prompt), jnp.bool_), ((p,), jnp.int32), ((p,), jnp.int32)],
+        insert.in_shardings[3:7]))
+    return [("insert", insert, (params, state, None, *rows, table, eos)),
+            ("decode", fns.decode, (params, state, table, eos))]
+
+
 def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tokens: int, dtype,
                  device_memory: float, headroom: float, nodes: int = 1000, compile_dtype=None) -> ProgramPlan:
-    """AOT-compiles one program (``generation`` or ``collection``) for the layout; no weights needed.
+    """AOT-compiles one program (``generation``: the engine's calls, or ``collection``) for the layout;
+    no weights needed.
 
     Parameter and KV-cache bytes are exact (shard shapes in ``dtype``). Temporaries come from the
     compiled program's memory analysis. ``compile_dtype`` (e.g. float32 on a CPU planning a bf16 model)
     compiles in that dtype instead: the CPU compiler upcasts bf16 matrix products and keeps float32
     copies of the weights, which hardware with native bf16 dots never makes, so temporaries of a float32
-    compile (minus its float32 cache) are an upper bound for the bf16 program's.
+    compile are an upper bound for the bf16 program's.
     """
     import time
 
@@ -143,57 +179,58 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     import jax.numpy as jnp
 
     from cna_jax import sharding as S
+    from cna_jax.collect import sharded_collect
 
     dtype = jnp.dtype(dtype)
     cdtype = jnp.dtype(compile_dtype or dtype)
     sd = jax.ShapeDtypeStruct
     params = S.abstract_sharded_params(cfg, layout, cdtype)
-    mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32, sharding=layout.sharding(("layers", "neurons")))
     if program == "generation":
         prompt = context - new_tokens
         if prompt < 1:
             raise ValueError(f"context={context} leaves no room for a prompt with new_tokens={new_tokens}")
-        tokens = sd((batch, prompt), jnp.int32, sharding=layout.batch(2))
-        valid = sd((batch, prompt), jnp.bool_, sharding=layout.batch(2))
-        eos = sd((1,), jnp.int32, sharding=layout.replicated())
-        fn = S.sharded_generate(cfg, layout, cdtype, max_new_tokens=new_tokens)
-        args = (params, tokens, valid, mult, eos)
+        calls = _engine_calls(cfg, layout, cdtype, batch, prompt, new_tokens, params)
         cache = S.cache_bytes_per_device(cfg, layout, batch, context, dtype)
         compiled_cache = S.cache_bytes_per_device(cfg, layout, batch, context, cdtype)
     elif program == "collection":
-        tokens = sd((batch, context), jnp.int32, sharding=layout.batch(2))
-        valid = sd((batch, context), jnp.bool_, sharding=layout.batch(2))
-        select = sd((batch, 1), jnp.int32, sharding=layout.batch(2))
-        select_valid = sd((batch, 1), jnp.bool_, sharding=layout.batch(2))
-        node_index = sd((nodes,), jnp.int32, sharding=layout.replicated())
-        fn = S.sharded_collect(cfg, layout, cdtype)
-        args = (params, tokens, valid, select, select_valid, mult, node_index)
+        b2 = layout.batch(2)
+        mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32,
+                  sharding=layout.sharding(("layers", "neurons")))
+        args = (params, sd((batch, context), jnp.int32, sharding=b2), sd((batch, context), jnp.bool_, sharding=b2),
+                sd((batch, 1), jnp.int32, sharding=b2), sd((batch, 1), jnp.bool_, sharding=b2), mult,
+                sd((nodes,), jnp.int32, sharding=layout.replicated()))
+        calls = [("", sharded_collect(cfg, layout, cdtype), args)]
         cache = compiled_cache = 0
     else:
         raise ValueError(f"unknown program {program!r} (generation, collection)")
-    t = time.perf_counter()
-    on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
-    compiled = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None)
-    compile_s = time.perf_counter() - t
-    ma = compiled.memory_analysis()
 
     def nbytes(tree, dt=None):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dt or x.dtype).itemsize
                    for x in jax.tree.leaves(tree))
 
+    on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
     param_bytes = nbytes(params, dtype)
-    # All parameters stay resident even where a program reads only some (collection skips lm_head, and
-    # XLA drops unused arguments), so the total counts them all plus the other inputs.
-    inputs = param_bytes + nbytes(args[1:])
-    arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
-    temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
-    temps = temps - compiled_cache + cache  # the cache at its real dtype; the rest as compiled
-    return ProgramPlan(
-        program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
-        kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
-        arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
-        total=inputs + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
-        platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s, compile_dtype=cdtype.name)
+    plans = []
+    for call, fn, args in calls:
+        t = time.perf_counter()
+        compiled = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None)
+        compile_s = time.perf_counter() - t
+        ma = compiled.memory_analysis()
+        # All parameters stay resident even where a program reads only some (collection skips lm_head, and
+        # XLA drops unused arguments), so the total counts them all plus the other inputs; the engine's
+        # state (the KV cache) at the model's dtype, whatever the compile's.
+        inputs = param_bytes + nbytes(args[1:]) - compiled_cache + cache
+        arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+        temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+        plans.append(ProgramPlan(
+            program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
+            kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
+            arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
+            total=inputs + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
+            platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s, compile_dtype=cdtype.name,
+            call=call))
+    peak = max(plans, key=lambda r: r.total)
+    return dataclasses.replace(peak, compile_s=sum(r.compile_s for r in plans))
 
 
 def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=None, batch: int = 64,

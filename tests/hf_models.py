@@ -48,7 +48,7 @@ def left_padded_batch(rng: np.random.Generator, vocab: int, lengths, total: int)
 
 
 def left_pad_ids(ids):
-    """Token lists left-padded with NumPy (independently of cna_jax.lm.left_pad): (tokens int64, valid)."""
+    """Token lists left-padded with NumPy (independently of cna_jax.batching.left_pad): (tokens int64, valid)."""
     width = max(map(len, ids))
     tokens = np.zeros((len(ids), width), np.int64)
     valid = np.zeros((len(ids), width), bool)

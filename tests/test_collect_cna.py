@@ -9,7 +9,7 @@ import torch
 from cna_jax import convert
 from cna_jax.cna import discover, select_neurons
 from cna_jax.collect import Activations, collect, collect_batch
-from cna_jax.lm import bucket, left_pad, shared_prefix_length
+from cna_jax.batching import bucket, left_pad, shared_prefix_length
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import multiplier
 from hf_models import left_pad_ids, save_tiny

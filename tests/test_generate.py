@@ -1,11 +1,13 @@
-"""Greedy generation vs HF ``generate(do_sample=False)``: identical tokens, with and without masks."""
+"""Greedy generation (the engine, through ``generate`` or ``engine.run``) vs HF ``generate(do_sample=False)``:
+identical tokens, with and without masks."""
 import numpy as np
 import pytest
 import torch
 
-from cna_jax import convert
-from cna_jax.generate import generate, greedy_generate
-from cna_jax.lm import bucket, left_pad, shared_prefix_length
+from cna_jax import convert, engine
+from cna_jax.generate import generate
+from cna_jax.batching import bucket, left_pad
+from cna_jax.lm import LM
 from cna_jax.neurons import multiplier
 from hf_models import save_tiny
 
@@ -38,26 +40,26 @@ def _hf_generate(hf, tokens, valid, eos, pad, n):
     return out[:, tokens.shape[1]:].numpy()
 
 
-def _compare(ours, num, ref, eos):
-    for row in range(ref.shape[0]):
+def _compare(rows, ref, eos):
+    """Our rows (new tokens up to and including the EOS) against HF's [B, N] continuations."""
+    assert len(rows) == ref.shape[0]
+    for row, ours in enumerate(rows):
         r = ref[row].tolist()
         # HF stops at the first EOS (and pads afterwards).
         cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
-        assert ours[row, :num[row]].tolist() == r[:cut], f"row {row}"
+        assert list(ours) == r[:cut], f"row {row}"
+
+
+def _run(cfg, params, seqs, mult, eos, n):
+    """The engine on raw parameters (no tokenizer): one condition, a slot per row."""
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+    return engine.run(lm, [(s, 0) for s in seqs], [engine.Condition(neuron_mult=mult)], max_new_tokens=n,
+                      slots=len(seqs), eos_ids=list(eos), pad_id=0)
 
 
 def _smollm2_batch(lm, prompts):
     ids = lm.encode(prompts)
     return left_pad(ids, bucket(max(map(len, ids))), lm.pad_id())
-
-
-def _shared_prefix_batch(lm, prompts):
-    """(suffix tokens, valid, prefix tokens): the prompts' common chat header split off."""
-    ids = lm.encode(prompts)
-    q = shared_prefix_length(ids)
-    assert q >= 8  # SmolLM2's system header
-    tokens, valid = left_pad([x[q:] for x in ids], bucket(max(len(x) - q for x in ids), 16), lm.pad_id())
-    return tokens, valid, np.asarray(ids[0][:q], np.int32)
 
 
 def test_smollm2_greedy_matches_hf_generate(smollm2_lm, smollm2_hf):
@@ -66,10 +68,10 @@ def test_smollm2_greedy_matches_hf_generate(smollm2_lm, smollm2_hf):
     tokens, valid = _smollm2_batch(lm, PROMPTS)
     assert len(set(valid.sum(1))) > 5  # really mixed lengths
     eos = lm.eos_ids()
-    out, num = greedy_generate(lm.params, tokens, valid, None, np.asarray(eos), cfg=lm.cfg, max_new_tokens=64)
+    # Full prompts, as HF reads them (the shared-prefix path: the masked test below and tests/test_engine.py).
+    out = generate(lm, PROMPTS, max_new_tokens=64, batch_size=len(PROMPTS), progress=False, share_prefix=False)
     ref = _hf_generate(smollm2_hf, tokens, valid, eos, lm.pad_id(), 64)
-    _compare(np.asarray(out), np.asarray(num), ref, eos)
-    # (The shared-prefix path is the engine's: tests/test_engine.py checks it against HF per row.)
+    _compare(out.tokens, ref, eos)
 
 
 def test_smollm2_masked_greedy_matches_hf_with_zeroed_columns(smollm2_lm, smollm2_hf):
@@ -83,20 +85,19 @@ def test_smollm2_masked_greedy_matches_hf_with_zeroed_columns(smollm2_lm, smollm
     prompts = PROMPTS[:8]
     tokens, valid = _smollm2_batch(lm, prompts)
     eos = np.asarray(lm.eos_ids())
-    plain, _ = greedy_generate(lm.params, tokens, valid, None, eos, cfg=lm.cfg, max_new_tokens=32)
-    out, num = greedy_generate(lm.params, tokens, valid, mult, eos, cfg=lm.cfg, max_new_tokens=32)
-    assert not np.array_equal(np.asarray(plain), np.asarray(out))
+    kw = dict(max_new_tokens=32, batch_size=len(prompts), progress=False)
+    plain = generate(lm, prompts, None, share_prefix=False, **kw).tokens
+    out = generate(lm, prompts, mult, share_prefix=False, **kw).tokens
+    assert plain != out
     import copy
     hf = copy.deepcopy(smollm2_hf)
     with torch.no_grad():
         for layer, i in pairs:
             hf.model.layers[layer].mlp.down_proj.weight[:, i] = 0.0
     ref = _hf_generate(hf, tokens, valid, tuple(eos.tolist()), lm.pad_id(), 32)
-    _compare(np.asarray(out), np.asarray(num), ref, tuple(eos.tolist()))
-    # Shared-prefix path: the multiplier applies to the prefix pass too.
-    st, sv, prefix = _shared_prefix_batch(lm, prompts)
-    out, num = greedy_generate(lm.params, st, sv, mult, eos, prefix, cfg=lm.cfg, max_new_tokens=32)
-    _compare(np.asarray(out), np.asarray(num), ref, tuple(eos.tolist()))
+    _compare(out, ref, tuple(eos.tolist()))
+    # Shared-prefix path (the chat header once per condition): the multiplier applies to the prefix too.
+    _compare(generate(lm, prompts, mult, share_prefix=True, **kw).tokens, ref, tuple(eos.tolist()))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -114,8 +115,7 @@ def test_tiny_qwen2_greedy_matches_hf(tmp_path, masked):
         with torch.no_grad():
             for layer, i in pairs:
                 hf.model.layers[layer].mlp.down_proj.weight[:, i] = 0.0
-    out, num = greedy_generate(params, tokens, valid, mult, np.asarray(eos), cfg=cfg, max_new_tokens=40)
-    _compare(np.asarray(out), np.asarray(num), _hf_generate(hf, tokens, valid, eos, 0, 40), eos)
+    _compare(_run(cfg, params, seqs, mult, eos, 40), _hf_generate(hf, tokens, valid, eos, 0, 40), eos)
 
 
 def test_generate_stops_at_eos_and_keeps_order(tmp_path):
@@ -123,16 +123,13 @@ def test_generate_stops_at_eos_and_keeps_order(tmp_path):
     cfg, params = convert.load(path)
     rng = np.random.default_rng(2)
     seqs = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (6, 9)]
-    tokens, valid = left_pad(seqs, 16, 0)
-    free, _ = greedy_generate(params, tokens, valid, None, np.asarray([0]), cfg=cfg, max_new_tokens=12)
-    free = np.asarray(free)
-    # Declare the 3rd token of row 0 an EOS: row 0 must stop there and repeat it afterwards.
-    stop = int(free[0, 2])
-    out, num = greedy_generate(params, tokens, valid, None, np.asarray([stop]), cfg=cfg, max_new_tokens=12)
-    out, num = np.asarray(out), np.asarray(num)
-    first = list(free[0]).index(stop)
-    assert num[0] == first + 1 and (out[0, first:] == stop).all()
-    np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
+    free = _run(cfg, params, seqs, None, [0], 12)
+    assert len(free[0]) >= 3
+    # Declare the 3rd token of row 0 an EOS: each row must stop at its first occurrence (counted).
+    stop = free[0][2]
+    out = _run(cfg, params, seqs, None, [stop], 12)
+    for got, row in zip(out, free):
+        assert got == (row[:row.index(stop) + 1] if stop in row else row)
 
 
 def test_generate_api_batches_sorted_and_restored(smollm2_lm):

@@ -1,4 +1,4 @@
-"""Sharded forward / generation / collection / LASSO on 8 simulated CPU devices equal one device.
+"""Sharded forward / generation (the engine) / collection / LASSO on 8 simulated CPU devices equal one device.
 
 A tiny random Llama (8 heads, 4 KV heads) saved with ``save_pretrained`` is loaded through the real
 loader straight into each mesh's shardings; every mesh (data, fsdp, tensor) in MESHES must reproduce
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cna_jax import convert, sharding as S
-from cna_jax.collect import collect_fn
-from cna_jax.generate import greedy_generate
-from cna_jax.lm import left_pad
+from cna_jax import convert, engine, sharding as S
+from cna_jax.collect import collect_fn, sharded_collect
+from cna_jax.batching import left_pad
+from cna_jax.lm import LM
 from cna_jax.models import forward
 from cna_jax.models.config import from_hf_dict
 from hf_models import left_padded_batch, save_tiny
@@ -38,13 +38,25 @@ def tiny(tmp_path_factory):
     node_index = np.asarray([0, 5, 96 + 3, 2 * 96 + 95], np.int32)
     ref = dict(
         logits=np.asarray(forward(params, tokens, valid, mult, cfg=cfg)),
-        gen=[np.asarray(a) for a in greedy_generate(params, tokens, valid, mult, eos, cfg=cfg, max_new_tokens=NEW)],
+        gen=_generate(cfg, params, _rows(tokens, valid), mult, eos),
         collect=[np.asarray(a) for a in jax.jit(collect_fn, static_argnames=("cfg", "dtype"))(
             params, tokens, valid, select, select_valid, mult, node_index, cfg=cfg)],
     )
     inputs = dict(tokens=tokens, valid=valid, mult=mult, eos=eos, select=select, select_valid=select_valid,
                   node_index=node_index)
     return path, cfg, params, inputs, ref
+
+
+def _rows(tokens, valid):
+    """Left-padded [B, T] -> the token lists."""
+    return [t[v].tolist() for t, v in zip(tokens, valid)]
+
+
+def _generate(cfg, params, rows, mult, eos, layout=None, prefix=None):
+    """Greedy rows through the engine (one condition, a slot per row) on one device or the layout."""
+    lm = LM(cfg, params, tokenizer=None, chat=False, layout=layout)
+    return engine.run(lm, [(r, 0) for r in rows], [engine.Condition(neuron_mult=mult)], max_new_tokens=NEW,
+                      slots=len(rows), prefix=prefix, eos_ids=eos.tolist(), pad_id=0)
 
 
 def _bytes(tree):
@@ -74,14 +86,11 @@ def test_sharded_equals_single_device(tiny, shape):
     logits = S.sharded_forward(cfg, gen_layout)(params, x["tokens"], x["valid"], x["mult"])
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=2e-5, rtol=1e-5)
 
-    toks, num = S.sharded_generate(cfg, gen_layout, max_new_tokens=NEW)(
-        params, x["tokens"], x["valid"], x["mult"], x["eos"])
-    np.testing.assert_array_equal(np.asarray(toks), ref["gen"][0])
-    np.testing.assert_array_equal(np.asarray(num), ref["gen"][1])
+    assert _generate(cfg, params, _rows(x["tokens"], x["valid"]), x["mult"], x["eos"], gen_layout) == ref["gen"]
 
     col_layout = S.make_layout(cfg, mesh, "collection", kv_heads="replicate", batch=8)
     col_params = S.shard_params(params, cfg, col_layout)
-    sums, sumsq, acts = S.sharded_collect(cfg, col_layout)(
+    sums, sumsq, acts = sharded_collect(cfg, col_layout)(
         col_params, x["tokens"], x["valid"], x["select"], x["select_valid"], x["mult"], x["node_index"])
     for got, want in zip((sums, sumsq, acts), ref["collect"]):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
@@ -105,7 +114,7 @@ def test_sharded_collect_with_shared_prefix(tiny, shape):
     want = single(params, full_tokens, full_valid, last2(18), sel_valid, x["mult"], x["node_index"], cfg=cfg)
     got1 = single(params, tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"], prefix, cfg=cfg)
     layout = S.make_layout(cfg, S.make_mesh(shape), "collection", kv_heads="replicate", batch=8)
-    fn = S.sharded_collect(cfg, layout)
+    fn = sharded_collect(cfg, layout)
     got = fn(S.shard_params(params, cfg, layout), tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"],
              prefix)
     for g, g1, w in zip(got, got1, want):
@@ -120,23 +129,17 @@ def test_sharded_collect_with_shared_prefix(tiny, shape):
 
 @pytest.mark.parametrize("shape", [(1, 1, 8), (2, 1, 4)], ids=lambda s: "x".join(map(str, s)))
 def test_sharded_generate_with_shared_prefix(tiny, shape):
-    """Generation with a shared prefix (batch-1 pass copied into every row's first cache slots) on a mesh =
-    one device with the prefix = one device on the full prompts."""
+    """Generation with a shared prefix (run once, its keys and values copied into every row's first cache
+    slots) on a mesh = one device with the prefix = one device on the full prompts."""
     path, cfg, params, x, _ = tiny
     rng = np.random.default_rng(4)
-    prefix = rng.integers(4, cfg.vocab_size, 6).astype(np.int32)
+    prefix = rng.integers(4, cfg.vocab_size, 6).tolist()
     suffixes = [rng.integers(4, cfg.vocab_size, n).tolist() for n in [5, 9, 12, 3, 7, 12, 2, 10]]
-    tokens, valid = left_pad(suffixes, 12, 0)
-    full_tokens, full_valid = left_pad([prefix.tolist() + s for s in suffixes], 18, 0)
-    want = greedy_generate(params, full_tokens, full_valid, x["mult"], x["eos"], cfg=cfg, max_new_tokens=NEW)
-    got1 = greedy_generate(params, tokens, valid, x["mult"], x["eos"], prefix, cfg=cfg, max_new_tokens=NEW)
+    want = _generate(cfg, params, [prefix + s for s in suffixes], x["mult"], x["eos"])
+    assert _generate(cfg, params, suffixes, x["mult"], x["eos"], prefix=prefix) == want
     layout = S.make_layout(cfg, S.make_mesh(shape), "generation", kv_heads=KV[shape], batch=8)
     _, sharded_params = convert.load(path, shardings=lambda c: layout.params(c))
-    got = S.sharded_generate(cfg, layout, max_new_tokens=NEW)(sharded_params, tokens, valid, x["mult"], x["eos"],
-                                                              prefix)
-    for g, g1, w in zip(got, got1, want):
-        np.testing.assert_array_equal(np.asarray(g1), np.asarray(w))
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert _generate(cfg, sharded_params, suffixes, x["mult"], x["eos"], layout, prefix) == want
 
 
 def test_kv_replicate_fallback_generation(tiny):
@@ -144,9 +147,7 @@ def test_kv_replicate_fallback_generation(tiny):
     layout = S.make_layout(cfg, S.make_mesh((1, 1, 8)), "generation", kv_heads="replicate")
     assert layout.rules_dict["kv_heads"] is None and layout.rules_dict["heads"] == "tensor"
     _, params = convert.load(path, shardings=lambda c: layout.params(c))
-    toks, num = S.sharded_generate(cfg, layout, max_new_tokens=NEW)(params, x["tokens"], x["valid"], x["mult"], x["eos"])
-    np.testing.assert_array_equal(np.asarray(toks), ref["gen"][0])
-    np.testing.assert_array_equal(np.asarray(num), ref["gen"][1])
+    assert _generate(cfg, params, _rows(x["tokens"], x["valid"]), x["mult"], x["eos"], layout) == ref["gen"]
 
 
 def test_mesh_resolution_and_readable_errors(tiny):
@@ -225,7 +226,7 @@ def test_sharded_lasso_graph_equals_single_device(lasso_data, shape):
     st = graph.GraphSettings(k_candidates=8, n_lambdas=12, progress=False)
     want = graph.fit_graph(lasso_data, st)
     layout = S.node_layout(S.make_mesh(shape))
-    fit = S.sharded_fit_graph(layout, st)
+    fit = graph.sharded_fit_graph(layout, st)
     got = fit(lasso_data)
     assert want["adjacency"].sum() > 0
     assert got["k_solved"] == want["k_solved"]

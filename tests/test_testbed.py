@@ -195,7 +195,11 @@ def test_recipe_hash_and_alias(tiny_dir, tmp_path, monkeypatch):
     assert a.hash() == _recipe(tiny_dir).hash() and a.hash() != b.hash()
     with pytest.raises(ValueError):
         testbed.Recipe(train="attention")
-    # "testbed" resolves through ensure_testbed (stubbed here: the real build is the launch script's job).
-    monkeypatch.setattr(testbed, "ensure_testbed", lambda: str(tmp_path))
-    assert resolve_alias("testbed") == str(tmp_path)
-    assert resolve_alias("some/dir") == "some/dir"
+    # "testbed" resolves through ensure_testbed (stubbed here: the real build is the launch script's job),
+    # in the testbed module: the model loader itself does not know the testbed.
+    monkeypatch.setattr(testbed, "ensure_testbed", lambda: tiny_dir)
+    assert testbed.resolve("testbed") == tiny_dir
+    assert testbed.resolve("some/dir") == "some/dir"
+    assert resolve_alias("testbed") == "testbed"
+    lm = testbed.load("testbed")
+    assert lm.cfg == TINY and lm.name == "testbed"

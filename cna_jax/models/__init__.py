@@ -1,6 +1,7 @@
 """Flax Llama / Qwen2 decoders with neuron multipliers, and the pure jitted functions built on them."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,5 +20,17 @@ def forward_fn(params, tokens, valid, neuron_mult=None, *, cfg: ModelConfig, dty
 forward = jax.jit(forward_fn, static_argnames=("cfg", "dtype"))
 
 
-__all__ = ["ConfigError", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "RopeScaling", "causal_mask",
-           "forward", "forward_fn", "from_hf_config_file", "from_hf_dict", "padding_positions"]
+def boxed_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves in their logical-axis boxes (no memory)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Decoder(cfg, dtype).init(jax.random.PRNGKey(0), tokens, tokens,
+                                                           jnp.ones((1, 1, 1), bool)))["params"]
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no memory), with logical-axis boxes removed."""
+    return nn.meta.unbox(boxed_params(cfg, dtype))
+
+
+__all__ = ["ConfigError", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "RopeScaling", "abstract_params",
+           "boxed_params", "causal_mask", "forward", "forward_fn", "from_hf_config_file", "from_hf_dict", "padding_positions"]
