@@ -9,7 +9,8 @@ carries its condition index as a traced argument: any mix of conditions shares a
 The device holds ``S`` slots (:class:`SlotState`). The host loop alternates two jitted calls:
 
 * ``insert`` -- prefill up to ``P`` queued rows (P is ``max(1, S // 4)`` or ``S``: two compiled sizes; a
-  smaller P than the free slots would leave slots idle, a larger one prefills filler rows) and write
+  smaller P than the free slots would leave slots idle, a larger one prefills filler rows; both capped at
+  ``PREFILL_TOKENS`` rows x padded length, so long prompts fill the free slots in several calls) and write
   their keys/values, first token and bookkeeping into free slots;
 * ``decode`` -- up to ``chunk`` greedy steps over all slots in one ``lax.while_loop`` (it stops early
   when every slot is done); a slot decodes at most one chunk past its row's end.
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import Decoder, Intervention, KVCache, constrain_cache, padding_positions
+from cna_jax.models.llama import CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions
 
 
 @dataclasses.dataclass
@@ -107,7 +108,8 @@ def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition]) -> tuple
 class SlotState(NamedTuple):
     """Everything the device keeps per slot (S slots, W cache columns, N = max_new_tokens).
 
-    cache: KVCache [L, S, K, W, D]; kv_valid: [S, W] bool (columns a slot attends to);
+    cache: KVCache of per-layer tuples of L arrays, keys [S, K, D, W], values [S, K, W, D]
+    (:func:`split_layers`); kv_valid: [S, W] bool (columns a slot attends to);
     tok: [S] the token to feed next; pos: [S] its rotary position; step: [S] tokens generated so far;
     out: [S, N] generated tokens; done: [S] bool (ended, or empty); cond: [S] condition index;
     clock: [] int32 decode steps taken (selects the ring column)."""
@@ -127,9 +129,27 @@ def _is_eos(tok, eos_ids):
     return jnp.any(tok[..., None] == eos_ids, axis=-1)
 
 
+def split_layers(cache: KVCache) -> KVCache:
+    """A stacked cache [L, B, K, S, D] as per-layer tuples of L arrays, keys [B, K, D, S] and values
+    [B, K, S, D] (the engine's slot layout, see ``Attention``: each layer's attention reads its own
+    buffer, where a slice of a stacked cache is a copy per decode step, and the scores need no
+    transposed keys)."""
+    n = cache.k.shape[0]
+    return KVCache(tuple(cache.k[l].swapaxes(2, 3) for l in range(n)), tuple(cache.v[l] for l in range(n)))
+
+
+def greedy_tokens(logits, axis=-1):
+    """``argmax`` (the first maximal index) as two plain reductions: XLA:CPU's variadic argmax reduce
+    over a 49k vocabulary costs ~10x more."""
+    top = jnp.max(logits, axis=axis, keepdims=True)
+    idx = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
+    return jnp.min(jnp.where(logits == top, idx, logits.shape[axis]), axis=axis)
+
+
 def empty_state_fn(*, cfg: ModelConfig, dtype, slots: int, width: int, max_new_tokens: int) -> SlotState:
     s = slots
-    return SlotState(KVCache.zeros(cfg, s, width, dtype), jnp.zeros((s, width), bool), jnp.zeros((s,), jnp.int32),
+    return SlotState(split_layers(KVCache.zeros(cfg, s, width, dtype)), jnp.zeros((s, width), bool),
+                     jnp.zeros((s,), jnp.int32),
                      jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.zeros((s, max_new_tokens), jnp.int32),
                      jnp.ones((s,), bool), jnp.zeros((s,), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -171,8 +191,11 @@ def insert_fn(params, state: SlotState, prefix_kv, tokens, valid, cond, slot_idx
     def put(dst, src):
         return dst.at[slot_idx].set(src.astype(dst.dtype), mode="drop")
 
-    new_cache = KVCache(*(constrain_cache(c.at[:, slot_idx, :, :q + t].set(nc.astype(c.dtype), mode="drop"))
-                          for c, nc in zip(state.cache, out.cache)))
+    written = split_layers(out.cache)  # [P, K, D, Q + T] keys, [P, K, Q + T, D] values per layer
+    new_cache = KVCache(tuple(c.at[slot_idx, :, :, :q + t].set(x.astype(c.dtype), mode="drop")
+                              for c, x in zip(state.cache.k, written.k)),
+                        tuple(c.at[slot_idx, :, :q + t].set(x.astype(c.dtype), mode="drop")
+                              for c, x in zip(state.cache.v, written.v)))
     row_valid = jnp.concatenate([kv_valid, jnp.zeros((p, w - q - t), bool)], axis=1)
     return SlotState(
         cache=new_cache, kv_valid=put(state.kv_valid, row_valid), tok=put(state.tok, first),
@@ -198,8 +221,8 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
         col = (w - ring) + st.clock % ring
         kv_valid = jax.lax.dynamic_update_slice(st.kv_valid, jnp.ones((s, 1), bool), (0, col))
         res = model.apply({"params": params}, st.tok[:, None], st.pos[:, None], kv_valid[:, None, :], None,
-                          st.cache, col, intervention=Intervention(*table, st.cond))
-        nxt = jnp.argmax(res.logits[:, 0], axis=-1).astype(jnp.int32)
+                          st.cache, col, intervention=Intervention(*table, st.cond), vocab_major_logits=True)
+        nxt = greedy_tokens(res.logits[:, :, 0], axis=0)  # logits [V, S, 1]
         active = ~st.done
         out = jnp.where(active[:, None] & (cols == st.step[:, None]), nxt[:, None], st.out)
         step = st.step + active
@@ -244,13 +267,16 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
 def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, max_new_tokens: int, chunk: int
                       ) -> Functions:
     """The same calls on a mesh: slots split over the batch (data) axes, the condition table's neuron axis
-    over ``tensor`` (like the MLP weights), the KV cache in ``layout.cache()`` shardings."""
+    over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings (less the layer axis;
+    keys with their last two axes swapped, see :func:`split_layers`)."""
     from cna_jax.sharding import ShardedFunction
 
-    cache_sh = layout.cache()
+    b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys [S, K, D, W] and values [S, K, W, D]
     b1, b2, rep = layout.batch(1), layout.batch(2), layout.replicated()
+    n = cfg.num_hidden_layers
+    cache_sh = KVCache((layout.sharding((b_, kv_, d_, len_)),) * n, (layout.sharding((b_, kv_, len_, d_)),) * n)
     state_sh = SlotState(cache_sh, b2, b1, b1, b1, b2, b1, b1, rep)
-    table_sh = (layout.sharding((None, "layers", "neurons")), rep, rep, rep)
+    table_sh = table_shardings(layout)
     params_sh = layout.params(cfg, dtype)
     stat = dict(cfg=cfg, dtype=dtype)
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
@@ -263,29 +289,50 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     inserts: dict[int, ShardedFunction] = {}
 
-    def insert(params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids):
-        p = tokens.shape[0]
+    def insert_at(p):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
         if p not in inserts:
             inserts[p] = ShardedFunction(insert_fn, layout, (params_sh, state_sh, rep, *row_sh(p), table_sh, rep),
-                                         state_sh, stat)
-        return inserts[p](params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids)
+                                         state_sh, stat, donate=(1,))
+        return inserts[p]
 
+    def insert(params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids):
+        return insert_at(tokens.shape[0])(params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids)
+
+    insert.at = insert_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,
-                             dict(steps=chunk, **stat))
+                             dict(steps=chunk, **stat), donate=(1,))
 
     def put_rows(*arrays):
         sh = row_sh(arrays[0].shape[0])
         return tuple(jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]) for a, s in zip(arrays, sh))
 
-    def put_table(t):
-        return tuple(jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]) for a, s in zip(t, table_sh))
-
-    return Functions(empty, prefix, insert, decode, put_rows, put_table)
+    return Functions(empty, prefix, insert, decode, put_rows, functools.partial(sharded_table, layout))
 
 
-def insert_sizes(slots: int) -> list[int]:
-    """Prefill batch sizes: a quarter of the slots (at least 1) and all of them (the first fill)."""
-    return sorted({max(1, slots // 4), slots})
+def table_shardings(layout) -> tuple:
+    """Shardings of the condition table: the neuron axis over ``tensor`` (like the MLP weights), the rest
+    replicated."""
+    rep = layout.replicated()
+    return (layout.sharding((None, "layers", "neurons")), rep, rep, rep)
+
+
+def sharded_table(layout, table) -> tuple:
+    """Host condition arrays (:func:`stack_conditions`) -> global arrays in :func:`table_shardings`."""
+    return tuple(jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx])
+                 for a, s in zip(table, table_shardings(layout)))
+
+
+# Rows x padded length of one insert call at most: prefill memory grows with it (attention scores with
+# rows x length^2), so long prompts are prefilled a few rows at a time (8B at 32 slots x 2k tokens would
+# need ~90 GB in one call).
+PREFILL_TOKENS = 8192
+
+
+def insert_sizes(slots: int, length: int = 1) -> list[int]:
+    """Prefill batch sizes for prompts padded to ``length``: a quarter of the slots (at least 1) and all of
+    them (the first fill), both capped at ``PREFILL_TOKENS // length`` rows."""
+    cap = max(1, min(slots, PREFILL_TOKENS // max(length, 1)))
+    return sorted({max(1, min(cap, slots // 4)), cap})
 
 
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
@@ -300,7 +347,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     in any order. ``lm`` provides cfg, params, dtype, the optional mesh layout and, unless given here,
     the EOS ids and pad id (from its tokenizer).
     """
-    from cna_jax.lm import bucket, left_pad
+    from cna_jax.batching import bucket, left_pad
 
     cfg = lm.cfg
     if not rows:
@@ -327,7 +374,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     eos = jnp.asarray(list(lm.eos_ids() if eos_ids is None else eos_ids) or [pad], jnp.int32)
     prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table) if q else None
     state = fns.empty()
-    sizes = insert_sizes(slots)
+    sizes = insert_sizes(slots, q + t)
 
     queue = list(range(len(rows)))[::-1]  # pop() takes the next row
     occupant = [-1] * slots  # row in each slot, -1 = free
@@ -338,8 +385,8 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         bar = tqdm(total=len(rows), desc=desc, unit="row")
     while queue or any(o >= 0 for o in occupant):
         free = [s for s, o in enumerate(occupant) if o < 0]
-        if queue and free:
-            take = min(len(free), len(queue))
+        while queue and free:  # several inserts when the prefill cap is below the free slots
+            take = min(len(free), len(queue), sizes[-1])
             p = next(x for x in sizes if x >= take)
             new = [queue.pop() for _ in range(take)]
             tokens, valid = left_pad([rows[r][0] for r in new], t, pad, batch=p)
@@ -347,6 +394,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
             slot_idx = np.array(free[:take] + [slots] * (p - take), np.int32)  # slots = dropped filler
             for s, r in zip(free, new):
                 occupant[s] = r
+            free = free[take:]
             state = fns.insert(lm.params, state, prefix_kv, *fns.put_rows(tokens, valid, cond, slot_idx), table, eos)
         state = fns.decode(lm.params, state, table, eos)
         done, step = lm.to_host(state.done), lm.to_host(state.step)

@@ -41,3 +41,19 @@ def smollm2_both():
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                            dtype=torch.float32).eval()
     return LM.load("smollm2"), hf
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This process's float32 n x n matmul rate (NumPy / OpenBLAS, one thread once pinned), GFLOP/s,
+    median of ``repeats``: the scale of every "fraction of the SGEMM-bound limit"."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9

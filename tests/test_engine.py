@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cna_jax import convert, engine, sharding as S
-from cna_jax.lm import LM, bucket, left_pad, split_shared_prefix
+from cna_jax.batching import bucket, left_pad, split_shared_prefix
+from cna_jax.lm import LM
 from hf_models import save_tiny
 from test_generate import PROMPTS
 
@@ -133,3 +134,6 @@ def test_condition_table_bucketing_and_bad_input(tiny_job):
     with pytest.raises(ValueError, match="names condition 3"):
         engine.run(lm, [([5, 6], 3)], [engine.Condition()], eos_ids=[1], pad_id=0)
     assert engine.insert_sizes(32) == [8, 32] and engine.insert_sizes(3) == [1, 3]
+    # Long prompts: at most PREFILL_TOKENS rows x length per call (2k tokens: 4 rows, 8k: 1).
+    assert engine.insert_sizes(32, 2048) == [4] and engine.insert_sizes(64, 8192) == [1]
+    assert engine.insert_sizes(64, 128) == [16, 64]

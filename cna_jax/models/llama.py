@@ -144,7 +144,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache, layer, cache_slot, prefix=None):
         """x: [B, T, E]; positions: [B, T]; mask: [B, T, S] bool (True = attend);
-        cache: None or the stacked KVCache, written for this ``layer`` at slot ``cache_slot``;
+        cache: None or the stacked KVCache, written for this ``layer`` at slot ``cache_slot`` (or the
+          engine's per-layer form: tuples of L arrays, keys [B, K, D, S], values [B, K, S, D]);
         prefix: None or a stacked KVCache ``[L, 1 or B, K, Q, D]`` of keys/values that precede every
         row (not written): its Q slots come first, S = Q + T."""
         cfg = self.cfg
@@ -164,9 +165,23 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
 
         b, t = x.shape[:2]
+        keys_t = None  # keys as [B, K, D, S] (the per-layer cache), else k is [B, K, S, D]
         k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
+        if cache is not None and isinstance(cache.k, tuple):
+            # Per-layer cache (the engine's decode layout): tuples of L arrays, keys [B, K, D, S] (so that
+            # the scores are a plain matrix product, no repacking of the transposed keys per step) and
+            # values [B, K, S, D]. The write is in place and attention reads the layer's own buffer (a
+            # slice of a stacked cache is a copy of the layer's cache per step). No reshape between the
+            # write and the read: XLA:CPU would fuse a second copy of the update into it, and two
+            # updates of one buffer cannot both be in place.
+            kl = jax.lax.dynamic_update_slice(cache.k[layer], k.swapaxes(2, 3).astype(cache.k[layer].dtype),
+                                              (0, 0, 0, cache_slot))
+            vl = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, 0, cache_slot, 0))
+            cache = KVCache(cache.k[:layer] + (kl,) + cache.k[layer + 1:],
+                            cache.v[:layer] + (vl,) + cache.v[layer + 1:])
+            keys_t, v = kl, vl
+        elif cache is not None:
             # Update the stacked [L, B, K, S, D] arrays in place (no per-step copy of the whole cache).
             start = (layer, 0, 0, cache_slot, 0)
             cache = KVCache(
@@ -183,7 +198,10 @@ class Attention(nn.Module):
         # matmul over (B, K) for prefill and decode alike (a size-1 T axis makes XLA:CPU slow).
         g = h // k_heads
         q = q.reshape(b, t, k_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k_heads, t * g, d)
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        if keys_t is None:
+            scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        else:
+            scores = jnp.einsum("bkqd,bkds->bkqs", q, keys_t.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores.reshape(b, k_heads, t, g, -1) * (d ** -0.5)
         # A finite minimum keeps fully masked (padding) query rows from producing NaN.
         scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
@@ -257,7 +275,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
                  cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False,
                  prefix: KVCache | None = None, intervention: Intervention | None = None,
-                 return_residuals: bool = False):
+                 return_residuals: bool = False, vocab_major_logits: bool = False):
         """
         tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
         attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
@@ -270,6 +288,8 @@ class Decoder(nn.Module):
         intervention: per-row conditions (:class:`Intervention`), instead of ``neuron_mult``.
         return_residuals: also return the residual stream each layer reads ``[L, B, T or P, E]`` (at
           ``select`` when given): HF's ``hidden_states[l]``, after this layer's input steering if any.
+        vocab_major_logits: logits as ``[V, B, T or P]``; with tied embeddings computed as ``E @ x^T``, a
+          plain matrix product over the embedding rows (``x @ E^T`` makes XLA:CPU repack all of E per call).
         """
         cfg = self.cfg
         if prefix is not None and cache is not None:
@@ -313,11 +333,17 @@ class Decoder(nn.Module):
         if select is not None:
             x = _take_positions(x, select)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings and vocab_major_logits:
+            table = embed.embedding.astype(self.dtype)
+            return DecoderOutput(jnp.einsum("ve,bte->vbt", table, x.astype(self.dtype)).astype(jnp.float32), cache,
+                                 neurons_out, residuals_out)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                               kernel_init=_param_init(_dense_init, ("embed", "vocab")), name="lm_head")(x)
+        if vocab_major_logits:
+            logits = jnp.moveaxis(logits, -1, 0)
         return DecoderOutput(logits.astype(jnp.float32), cache, neurons_out, residuals_out)
 
 
