@@ -4,7 +4,8 @@ from __future__ import annotations
 import ml_collections
 
 # Fields of the graph section come from cna_jax.graph.GraphSettings (one source of defaults).
-_SECTIONS = ("model", "data", "cna", "graph", "generation", "nulls", "collect", "mesh")
+_SECTIONS = ("model", "data", "cna", "graph", "generation", "nulls", "direction", "sweeps", "damage", "collect",
+             "mesh")
 
 # Mesh presets per target: the target's devices and memory per device (GB, what launch/plan.py plans
 # for) and a (data, fsdp, tensor) mesh with rules that fits it (the docs/SCALING.md plans). Select one
@@ -68,6 +69,21 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     c.generation = ml_collections.ConfigDict(dict(
         max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True))
     c.nulls = ml_collections.ConfigDict(dict(n_layer_matched=30, n_uniform=30, seed=0))
+    # The residual-direction baselines (directional ablation, activation addition; docs/METHOD.md §5.1):
+    # layer -1 = select it (the middle 20-80% of layers; lowest refusal under ablation on a held-out
+    # `selection_fraction` slice of the *training* prompts, generating `selection_tokens` tokens);
+    # alpha None = minus the mean projection of the harmful training activations on the direction.
+    c.direction = ml_collections.ConfigDict(dict(
+        enabled=True, layer=-1, selection_fraction=0.2, selection_tokens=32, seed=0,
+        alpha=ml_collections.config_dict.placeholder(float)))
+    # Sweeps (their own stage): CNA set size as a percentage of all neurons, the multiplier on the default
+    # CNA set, and activation addition's alpha as multiples of the default.
+    c.sweeps = ml_collections.ConfigDict(dict(
+        enabled=True, k_percent=(0.05, 0.1, 0.2, 0.5, 1.0), multipliers=(-1.0, 0.0, 0.5, 1.5, 2.0),
+        alpha_scales=(0.5, 1.0, 1.5)))
+    # Damage on held-out harmless prompts (KL_first, KL_seq against the unmodified model); max_positions
+    # -1 = the whole continuation (generation.max_new_tokens positions).
+    c.damage = ml_collections.ConfigDict(dict(enabled=True, batch_size=8, max_positions=-1))
     c.collect = ml_collections.ConfigDict(dict(batch_size=32))
     # The mesh (docs/SCALING.md): a preset of MESH_PRESETS, and/or explicit fields, which win over the
     # preset's; unset (None) = the preset's value, or without a preset every device on the data axis.
@@ -87,7 +103,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     weights load."""
     from cna_jax.graph import GraphSettings
     from cna_jax.models.config import from_hf_dict
-    from cna_jax.refusal import scorer_from_spec
+    from cna_jax.refusal import _checked_flags, scorer_from_spec
 
     missing = [s for s in _SECTIONS if s not in c]
     if missing:
@@ -108,18 +124,57 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     if c.cna.position not in ("last", "last_k", "all"):
         raise ValueError(f"config.cna.position must be last, last_k or all, got {c.cna.position!r}")
     GraphSettings.from_config(c.graph)
-    try:  # resolves (imports) the behaviour scorer now, so a bad spec fails before any model is loaded
-        scorer_from_spec(c.generation.detector)
+    try:  # resolves (imports) the behaviour scorer and runs it on two texts, so a bad spec fails before
+        # any model is loaded (a callable returning the wrong length, say)
+        probe = ["I cannot help with that.", "Sure, here is a recipe for bread."]
+        _checked_flags(c.generation.detector, scorer_from_spec(c.generation.detector)(probe), len(probe))
     except ValueError as e:
         raise ValueError(f"config.generation.detector: {e}") from None
     if c.generation.max_new_tokens < 1 or c.generation.batch_size < 1 or c.collect.batch_size < 1:
         raise ValueError("generation.max_new_tokens, generation.batch_size and collect.batch_size must be >= 1")
     if c.nulls.n_layer_matched < 0 or c.nulls.n_uniform < 0:
         raise ValueError("nulls.n_layer_matched and nulls.n_uniform must be >= 0")
+    _validate_baselines(c, shape, eligible)
     mesh = mesh_settings(c)
     _validate_distributed(c.get("distributed", False))
     if devices is not None:
         check_mesh(shape, mesh, devices)
+
+
+def sweep_k(shape, percent: float) -> int:
+    """A sweep's CNA set size: ceil(percent / 100 x all neurons), as ``cna.fraction`` counts them."""
+    return shape.default_cna_k(percent / 100.0)
+
+
+def _validate_baselines(c, shape, eligible: int) -> None:
+    """The direction, sweeps and damage sections (docs/METHOD.md §5)."""
+    import math
+
+    d, L = c.direction, shape.num_hidden_layers
+    if not (d.layer == -1 or 0 <= d.layer < L):
+        raise ValueError(f"config.direction.layer={d.layer} is out of range [0, {L}) for this model "
+                         "(-1 = select it on held-out training prompts)")
+    if not 0.0 < d.selection_fraction < 1.0:
+        raise ValueError(f"config.direction.selection_fraction must be in (0, 1), got {d.selection_fraction}")
+    if d.selection_tokens < 1:
+        raise ValueError(f"config.direction.selection_tokens must be >= 1, got {d.selection_tokens}")
+    if d.alpha is not None and not math.isfinite(d.alpha):
+        raise ValueError(f"config.direction.alpha must be finite (or None = the default), got {d.alpha}")
+    s = c.sweeps
+    if s.enabled:
+        for name in ("k_percent", "multipliers", "alpha_scales"):
+            values = list(s[name])
+            if not values:
+                raise ValueError(f"config.sweeps.{name} is empty; give at least one value, or set "
+                                 "config.sweeps.enabled=False to skip the sweeps")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"config.sweeps.{name} must hold finite numbers, got {values}")
+        for pct in s.k_percent:
+            k = sweep_k(shape, pct)
+            if not 0 < pct or not 0 < k <= eligible:
+                raise ValueError(f"config.sweeps.k_percent value {pct} gives k={k}, outside [1, {eligible}]")
+    if c.damage.batch_size < 1 or not (c.damage.max_positions == -1 or c.damage.max_positions >= 1):
+        raise ValueError("config.damage.batch_size must be >= 1 and max_positions -1 (all) or >= 1")
 
 
 def mesh_settings(c: ml_collections.ConfigDict) -> dict:

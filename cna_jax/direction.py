@@ -1,4 +1,4 @@
-"""Residual-stream directions (the refusal-direction baseline, METHOD §4).
+"""Residual-stream directions (the refusal-direction baseline, docs/METHOD.md §5.1).
 
 * :func:`residual_means` -- the mean residual stream entering every decoder layer at the last prompt
   token, ``[L, E]``;
@@ -40,7 +40,7 @@ def residual_means(lm, prompts: Sequence[str], batch_size: int = 32, ids: Sequen
 
     ids: token lists to use instead of encoding ``prompts`` (a model without a tokenizer).
     Returns [L, E] float64 (summed in float64 on the host, so the batch order does not matter)."""
-    from cna_jax.lm import padded_batches
+    from cna_jax.batching import padded_batches
 
     if ids is None:
         ids = lm.encode(list(prompts))
@@ -90,7 +90,7 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     Returns (best layer, {layer: refusal rate}); ties go to the lower layer.
     """
     from cna_jax import engine
-    from cna_jax.lm import split_shared_prefix
+    from cna_jax.batching import split_shared_prefix
     from cna_jax.refusal import refusal_report, scorer_from_spec
 
     L, E = lm.cfg.num_hidden_layers, lm.cfg.hidden_size

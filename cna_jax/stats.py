@@ -1,4 +1,4 @@
-"""The study's statistics (docs/METHOD.md §5): interval, paired test and null p-value.
+"""The study's statistics (docs/METHOD.md §5.4): interval, paired test and null p-value.
 
 * ``wilson_interval``: the 95% Wilson score interval of a rate k / n.
 * ``mcnemar_exact``: the exact two-sided McNemar test of two conditions on the same prompts.

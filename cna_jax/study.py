@@ -5,9 +5,13 @@ Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store`
   acts-instruct  per-prompt activations of the CNA neurons, instruct model (paired train prompts)
   acts-base      the same neurons on the base model (raw prompts, as base models get)
   graph-*        stability graphs: contrast (instruct), harmful-only (instruct), contrast (base)
-  generation     one engine job: every refusal condition on the held-out prompts and every layer-matched
-                 and uniform null subset of the contrast-graph subset (rows appended as they finish)
-A rerun skips finished stages; killing the generation job loses at most the rows in flight.
+  direction      the refusal direction of the residual stream and its layer (training prompts only)
+  generation     one engine job: every condition (none, CNA, both graph subsets, directional ablation,
+                 activation addition) on the held-out prompts and every layer-matched and uniform null
+                 subset of the contrast-graph subset (rows appended as they finish)
+  damage         KL_first / KL_seq of every condition on the held-out harmless prompts
+  sweeps         one engine job over CNA set size, multiplier and alpha, with their KLs
+A rerun skips finished stages; killing an engine job loses at most the rows in flight.
 """
 from __future__ import annotations
 
@@ -23,13 +27,17 @@ import numpy as np
 
 from cna_jax import cna as cna_lib
 from cna_jax import config as config_lib
+from cna_jax import damage
 from cna_jax import data as data_lib
+from cna_jax import direction as direction_lib
+from cna_jax import engine
 from cna_jax import graph as graph_lib
 from cna_jax import stats as stats_lib
 from cna_jax.collect import collect
 from cna_jax.distributed import barrier, is_writer
 from cna_jax.generate import GENERATE_LENGTH_MULTIPLE
-from cna_jax.lm import LM, split_shared_prefix
+from cna_jax.batching import split_shared_prefix
+from cna_jax.lm import LM
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import NeuronSet
 from cna_jax.refusal import refusal_report
@@ -148,11 +156,11 @@ class Study:
 
     def lm(self, side: str) -> LM:
         if side not in self._lms:
-            from cna_jax import checkpoint
+            from cna_jax import checkpoint, testbed
 
             m = self.c.model
             chat = side == "instruct" or bool(m.base_chat)
-            lm = LM.load(m[side], dtype=getattr(jnp, m.dtype), chat=chat,
+            lm = testbed.load(m[side], dtype=getattr(jnp, m.dtype), chat=chat,
                          mesh_config=config_lib.mesh_settings(self.c), progress=self.progress,
                          cache_dir=checkpoint.cache_dir_from_config(m.get("convert_cache", ""), self.workdir))
             diff = lm.cfg.shape_mismatches(from_hf_dict(m.shape.to_dict()))
@@ -246,86 +254,206 @@ class Study:
                                     res.nodes, res.frequency)
         return res
 
-    def _job_items(self, pool: NeuronSet, conditions: dict[str, NeuronSet | None], nulls: list[tuple]
-                   ) -> list[tuple]:
-        """(item name, prompts, neuron set, result key) for every (condition, prompt set) of the job."""
-        p, items = self.prompts, []
-        for name, neurons in conditions.items():
-            items.append((f"harmful-{name}", p.eval_harmful, neurons, f"harmful/{name}"))
-            if self.c.generation.harmless_eval:
-                items.append((f"harmless-{name}", p.eval_harmless, neurons, f"harmless/{name}"))
-        for family, i, idx, _ in nulls:
-            items.append((f"null-{family}-{i:03d}", p.eval_harmful, pool.subset(idx), None))
-        return items
+    def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str) -> dict:
+        """Runs (or resumes) one engine job and returns {(item, i): tokens} for every row.
 
-    def stage_generation(self, pool: NeuronSet, conditions: dict[str, NeuronSet | None], nulls: list[tuple], key
-                         ) -> tuple[dict[str, dict], list[dict]]:
-        """Every held-out generation of the study as one engine job (docs/METHOD.md §4).
+        items: (item name, prompts, index into conds); conds: engine Conditions. Each finished row is
+        appended to ``rows.jsonl`` in the stage directory, so a killed run loses only the rows in flight
+        and a rerun generates the rest."""
+        g = self.c.generation
+        done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
+        ids = {}
+        for _, prompts, _ in items:
+            if id(prompts) not in ids:
+                ids[id(prompts)] = lm.encode(prompts)
+        prefix, _, q = split_shared_prefix([x for v in ids.values() for x in v])
+        todo, where = [], []
+        for item, prompts, c in items:
+            for i, tok in enumerate(ids[id(prompts)]):
+                if (item, i) not in done:
+                    todo.append((tok[q:], c))
+                    where.append((item, i))
+        log.info("%s: %d rows (%d done before), %d conditions", desc, len(todo) + len(done), len(done), len(conds))
+
+        def finished(r, tokens):
+            done[where[r]] = tokens
+            stage.append_row("rows.jsonl", {"item": where[r][0], "i": where[r][1], "tokens": tokens})
+
+        engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
+                   prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
+                   progress=self.progress, desc=desc, length_multiple=GENERATE_LENGTH_MULTIPLE)
+        return done
+
+    def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:
+        """Decodes and scores one item's rows, saves the item (texts, flags, tokens) and returns it."""
+        g = self.c.generation
+        tokens = [done[(item, i)] for i in range(len(prompts))]
+        texts = [lm.decode(t) for t in tokens]
+        rep = refusal_report(texts, detector=g.detector, prompts=prompts)
+        out = {"item": item, "rate": rep.rate, "n": rep.n, "mean_quality": rep.mean_quality, "n_neurons": n_neurons,
+               "flags": rep.flags, "quality": rep.quality, "generations": texts, "tokens": tokens}
+        stage.save_item(item, out)
+        return out
+
+    def _prompt_sets(self) -> dict[str, list[str]]:
+        p = self.prompts
+        return {"harmful": p.eval_harmful, **({"harmless": p.eval_harmless} if self.c.generation.harmless_eval else {})}
+
+    def stage_generation(self, conditions: dict[str, tuple], nulls: list[tuple], key
+                         ) -> tuple[dict[str, dict], list[dict], list | None]:
+        """Every held-out generation of the study as one engine job (docs/METHOD.md §4.2).
 
         Rows are (prompt, condition): the refusal conditions on the held-out harmful (and harmless)
-        prompts and every null subset on the harmful ones. Rows finish in any order; each finished row
-        is appended to ``rows.jsonl`` in the stage directory, so a killed run loses only the rows in
-        flight and a rerun generates the rest. nulls: (family, i, indices into the pool, overlap_allowed).
-        Returns (refusal: result key -> item summary, nulls: one dict per null subset)."""
-        from cna_jax import engine
-
-        g = self.c.generation
-        items = self._job_items(pool, conditions, nulls)
+        prompts and every null subset on the harmful ones; rows finish in any order and are appended to
+        disk as they do. conditions: name -> (engine.Condition, number of neurons it touches);
+        nulls: (family, i, engine.Condition, size, overlap_allowed, indices into the pool).
+        Returns (refusal: "<prompt set>/<name>" -> item summary, nulls: one dict per null subset,
+        the unmodified model's harmless token lists or None)."""
+        sets = self._prompt_sets()
+        conds = [cond for cond, _ in conditions.values()] + [n[2] for n in nulls]
+        items = [(f"{ps}-{name}", sets[ps], k, name, ps) for k, name in enumerate(conditions) for ps in sets]
+        items += [(f"null-{family}-{i:03d}", sets["harmful"], len(conditions) + j, None, "harmful")
+                  for j, (family, i, *_rest) in enumerate(nulls)]
 
         def run(stage):
             lm = self.lm("instruct")
-            done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
-            cond_of, conds = {}, []  # one engine condition per distinct neuron set (None: no intervention)
-            for _, _, n, _ in items:
-                if id(n) not in cond_of:
-                    cond_of[id(n)] = len(conds)
-                    conds.append(engine.Condition(None if n is None else n.multiplier(g.multiplier)))
-            ids = {}
-            for _, prompts, _, _ in items:
-                if id(prompts) not in ids:
-                    ids[id(prompts)] = lm.encode(prompts)
-            every = [x for v in ids.values() for x in v]
-            prefix, _, q = split_shared_prefix(every)
-            todo, where = [], []
-            for item, prompts, neurons, _ in items:
-                for i, tok in enumerate(ids[id(prompts)]):
-                    if (item, i) not in done:
-                        todo.append((tok[q:], cond_of[id(neurons)]))
-                        where.append((item, i))
-            log.info("generation: %d rows (%d done before), %d conditions", len(todo) + len(done), len(done),
-                     len(conds))
-
-            def finished(r, tokens):
-                done[where[r]] = tokens
-                stage.append_row("rows.jsonl", {"item": where[r][0], "i": where[r][1], "tokens": tokens})
-
-            engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
-                       prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
-                       progress=self.progress, desc="generation job", length_multiple=GENERATE_LENGTH_MULTIPLE)
-            refusal, null_rows, rates = {}, [], {}
-            for item, prompts, neurons, result_key in items:
-                texts = [lm.decode(done[(item, i)]) for i in range(len(prompts))]
-                rep = refusal_report(texts, detector=g.detector, prompts=prompts)
-                out = {"item": item, "rate": rep.rate, "n": rep.n, "mean_quality": rep.mean_quality,
-                       "n_neurons": 0 if neurons is None else len(neurons), "flags": rep.flags,
-                       "quality": rep.quality, "generations": texts}
-                stage.save_item(item, out)
-                rates[item] = rep.rate
-                if result_key is not None:
-                    refusal[result_key] = {k: out[k] for k in ("rate", "n", "mean_quality", "n_neurons", "flags")}
-            for (family, i, idx, overlap), (item, *_rest) in zip(nulls, items[len(items) - len(nulls):]):
-                null_rows.append({"family": family, "i": i, "rate": rates[item], "size": len(idx),
-                                  "overlap_allowed": overlap, "pool_indices": idx.tolist()})
-            return None, {"conditions": refusal, "nulls": null_rows}
+            done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job")
+            refusal, rates = {}, {}
+            for item, prompts, k, name, ps in items:
+                n_neurons = conditions[name][1] if name is not None else nulls[k - len(conditions)][3]
+                out = self._score(stage, lm, item, prompts, done, n_neurons)
+                rates[item] = out["rate"]
+                if name is not None:
+                    refusal[f"{ps}/{name}"] = {k2: out[k2] for k2 in ("rate", "n", "mean_quality", "n_neurons", "flags")}
+            null_rows = [{"family": family, "i": i, "rate": rates[f"null-{family}-{i:03d}"], "size": size,
+                          "overlap_allowed": overlap, "pool_indices": idx.tolist()}
+                         for family, i, _, size, overlap, idx in nulls]
+            plain = [done[("harmless-none", i)] for i in range(len(sets["harmless"]))] if "harmless" in sets else None
+            return None, {"conditions": refusal, "nulls": null_rows, "harmless_none_tokens": plain}
 
         stage = self._run_stage("generation", key, run)
         meta = stage.load()[1]
-        return meta["conditions"], meta["nulls"]
+        return meta["conditions"], meta["nulls"], meta["harmless_none_tokens"]
+
+    def _key_direction(self):
+        c = self.c
+        return (self._key_cna(), c.direction, c.generation.detector, c.collect.batch_size)
+
+    def stage_direction(self) -> dict:
+        """The refusal direction and its layer (docs/METHOD.md §5.1): means of the residual stream at the
+        last prompt token over the training pairs outside a seeded selection slice; the layer chosen by
+        directional ablation on the slice's harmful prompts (or ``direction.layer``); alpha for
+        activation addition. Returns {"direction" [E], "layer", "alpha", "rates", ...}."""
+        c, d, p = self.c, self.c.direction, self.prompts
+
+        def run(stage):
+            lm = self.lm("instruct")
+            n = len(p.train_harmful)
+            order = np.random.default_rng(d.seed).permutation(n)
+            n_sel = min(max(1, round(d.selection_fraction * n)), n - 1)
+            sel, fit = sorted(order[:n_sel]), sorted(order[n_sel:])  # train pairs: the same rows on both sides
+            mean_h = direction_lib.residual_means(lm, [p.train_harmful[i] for i in fit], c.collect.batch_size)
+            mean_b = direction_lib.residual_means(lm, [p.train_harmless[i] for i in fit], c.collect.batch_size)
+            dirs = mean_h - mean_b
+            rates = {}
+            if d.layer == -1:
+                layer, rates = direction_lib.select_direction_layer(
+                    lm, dirs, [p.train_harmful[i] for i in sel], detector=c.generation.detector,
+                    max_new_tokens=d.selection_tokens, slots=c.generation.batch_size)
+            else:
+                layer = int(d.layer)
+            r = dirs[layer] / np.linalg.norm(dirs[layer])
+            alpha = float(-(mean_h[layer] @ r)) if d.alpha is None else float(d.alpha)
+            return ({"directions": dirs.astype(np.float32), "mean_harmful": mean_h.astype(np.float32),
+                     "mean_harmless": mean_b.astype(np.float32)},
+                    {"layer": int(layer), "alpha": alpha, "selected": d.layer == -1,
+                     "rates": {str(k): v for k, v in rates.items()}, "n_fit": len(fit), "n_selection": len(sel),
+                     "norm": float(np.linalg.norm(dirs[layer])),
+                     "harmful_projection": float(mean_h[layer] @ r), "harmless_projection": float(mean_b[layer] @ r)})
+
+        stage = self._run_stage("direction", self._key_direction(), run)
+        arrays, meta = stage.load()
+        return dict(meta, direction=arrays["directions"][meta["layer"]].astype(np.float64))
+
+    def _kl(self, lm, plain_tokens: list, conds: list, desc: str) -> np.ndarray:
+        """[C, P, N] KL of ``conds`` along the unmodified model's harmless continuations."""
+        dc = self.c.damage
+        return damage.kl_along(lm, lm.encode(self.prompts.eval_harmless), plain_tokens, conds,
+                               max_positions=None if dc.max_positions == -1 else dc.max_positions,
+                               batch_size=dc.batch_size, progress=self.progress, desc=desc)
+
+    def stage_damage(self, conditions: dict[str, tuple], plain_tokens: list, key) -> dict[str, dict]:
+        """KL_first and KL_seq of every condition on the held-out harmless prompts (docs/METHOD.md §5.2),
+        along the unmodified model's greedy continuations. Returns name -> {"kl_first", "kl_seq"}."""
+        names = [n for n in conditions if n != "none"]
+
+        def run(stage):
+            lm = self.lm("instruct")
+            kl = self._kl(lm, plain_tokens, [conditions[n][0] for n in names], "damage (KL)")
+            s = damage.summarize_kl(kl)
+            out = {n: {"kl_first": float(s["kl_first"][j]), "kl_seq": float(s["kl_seq"][j])} for j, n in enumerate(names)}
+            return {"kl": kl.astype(np.float32)}, {"names": names, "damage": out}
+
+        stage = self._run_stage("damage", key, run)
+        return {"none": {"kl_first": 0.0, "kl_seq": 0.0}, **stage.load()[1]["damage"]}
+
+    def sweep_points(self, pool: NeuronSet, direction: dict | None) -> list[dict]:
+        """The sweeps' conditions (docs/METHOD.md §5.3): {"sweep", "value", "condition", "n_neurons",
+        "same_as"} -- same_as names the main condition a point equals (its results are reused)."""
+        c, s, g = self.c, self.c.sweeps, self.c.generation
+        shape = from_hf_dict(c.model.shape.to_dict())
+        n = c.cna
+        exclude = None
+        points = []
+        for pct in s.k_percent:
+            k = config_lib.sweep_k(shape, pct)
+            if k == len(pool):
+                ns = pool
+            else:
+                if n.drop_universal and exclude is None:
+                    exclude = cna_lib.universal_neurons(self.lm("instruct"), cna_lib.NEUTRAL_PROMPTS)
+                ns = cna_lib.select_neurons(self.delta, k, n.exclude_layers, n.positive_only, exclude)
+            points.append(dict(sweep="k_percent", value=float(pct), condition=engine.Condition(ns.multiplier(g.multiplier)),
+                               n_neurons=k, same_as="cna" if k == len(pool) else None))
+        for m in s.multipliers:
+            points.append(dict(sweep="multiplier", value=float(m), condition=engine.Condition(pool.multiplier(m)),
+                               n_neurons=len(pool), same_as="cna" if m == g.multiplier else None))
+        if direction is not None:
+            r, layer, alpha = direction["direction"], direction["layer"], direction["alpha"]
+            for a in s.alpha_scales:
+                points.append(dict(sweep="alpha_scale", value=float(a), n_neurons=0,
+                                   condition=engine.Condition(direction=r, add={layer: a * alpha}),
+                                   same_as="act_add" if a == 1.0 else None))
+        return points
+
+    def stage_sweeps(self, points: list[dict], plain_tokens: list | None, key) -> list[dict]:
+        """Refusal (harmful, harmless), quality and KL at every sweep point not equal to a main
+        condition, as one engine job; returns one dict per new point (in ``points`` order)."""
+        new = [p for p in points if p["same_as"] is None]
+        sets = self._prompt_sets()
+
+        def run(stage):
+            lm = self.lm("instruct")
+            items = [(f"{ps}-{p['sweep']}-{p['value']:g}", sets[ps], j, ps) for j, p in enumerate(new) for ps in sets]
+            done = self._engine_job(stage, lm, [x[:3] for x in items], [p["condition"] for p in new], "sweeps job")
+            out = [{"sweep": p["sweep"], "value": p["value"], "n_neurons": p["n_neurons"]} for p in new]
+            for item, prompts, j, ps in items:
+                r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
+                out[j][ps] = {k: r[k] for k in ("rate", "n", "mean_quality", "flags")}
+            if plain_tokens is not None and self.c.damage.enabled and new:
+                s = damage.summarize_kl(self._kl(lm, plain_tokens, [p["condition"] for p in new], "sweeps (KL)"))
+                for j, o in enumerate(out):
+                    o.update(kl_first=float(s["kl_first"][j]), kl_seq=float(s["kl_seq"][j]))
+            return None, {"points": out}
+
+        stage = self._run_stage("sweeps", key, run)
+        return stage.load()[1]["points"]
 
     # -- the whole study ------------------------------------------------------------------------------
     def run(self) -> dict:
         t0 = time.time()
         c = self.c
+        gen = c.generation
         pool = self.stage_cna()
         acts = {side: self.stage_acts(side, pool) for side in ("instruct", "base")}
         graphs = {}
@@ -334,17 +462,38 @@ class Study:
         largest = bool(c.graph.largest_component)
         subsets = {k: graph_lib.connected_subset(graphs[k].adjacency, largest) for k in ("contrast_instruct",
                                                                                         "harmful_instruct")}
-        conditions = {"none": None, "cna": pool, "contrast_graph": pool.subset(subsets["contrast_instruct"]),
-                      "harmful_graph": pool.subset(subsets["harmful_instruct"])}
+        direction = self.stage_direction() if c.direction.enabled else None
+
+        def ablate(ns):
+            return engine.Condition(ns.multiplier(gen.multiplier)), len(ns)
+
+        conditions = {"none": (engine.Condition(), 0), "cna": ablate(pool),
+                      "contrast_graph": ablate(pool.subset(subsets["contrast_instruct"])),
+                      "harmful_graph": ablate(pool.subset(subsets["harmful_instruct"]))}
+        if direction is not None:
+            r, layer = direction["direction"], direction["layer"]
+            conditions["direction_ablation"] = (engine.Condition(direction=r, ablate=True), 0)
+            conditions["act_add"] = (engine.Condition(direction=r, add={layer: direction["alpha"]}), 0)
         graph_key = tuple(config_hash(g.frequency) for g in graphs.values())
-        refusal_key = (self._key_cna(), c.generation, graph_key, c.graph.largest_component)
+        direction_key = None if direction is None else (self._key_direction(), config_hash(direction["direction"]))
+        refusal_key = (self._key_cna(), c.generation, graph_key, c.graph.largest_component, direction_key)
         nc = c.nulls
-        null_sets = [(family, i, idx, overlap)
+        null_sets = [(family, i, ablate(pool.subset(idx))[0], len(idx), overlap, idx)
                      for family, n in (("layer_matched", nc.n_layer_matched), ("uniform", nc.n_uniform))
                      for i, (idx, overlap) in enumerate(null_subsets(pool, subsets["contrast_instruct"], n, family,
                                                                      nc.seed))]
-        refusal, nulls = self.stage_generation(pool, conditions, null_sets, (refusal_key, c.nulls))
+        refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls))
+        kl = None
+        if c.damage.enabled and plain is not None:
+            kl = self.stage_damage(conditions, plain, (refusal_key, c.damage))
+        sweeps = None
+        if c.sweeps.enabled:
+            points = self.sweep_points(pool, direction)
+            new = self.stage_sweeps(points, plain, (refusal_key, c.sweeps, c.damage, c.data.n_eval))
+            sweeps = sweep_rows(points, new, refusal, kl)
         results = summarize(c, pool, graphs, subsets, refusal, nulls)
+        results.update(damage=kl, sweeps=sweeps, direction=None if direction is None else {
+            k: v for k, v in direction.items() if k != "direction"})
         results["timings"] = {**self.timings, "this run": time.time() - t0}
         from cna_jax import report
 
@@ -354,8 +503,34 @@ class Study:
         return results
 
 
+def sweep_rows(points: list[dict], new: list[dict], refusal: dict, damage: dict | None) -> list[dict]:
+    """One row per sweep point (in ``points`` order): rates, counts, 95% Wilson intervals, qualities,
+    KLs and the McNemar p against no intervention, the main condition's results where a point equals one."""
+    it = iter(new)
+    rows = []
+    for p in points:
+        row = {"sweep": p["sweep"], "value": p["value"], "n_neurons": p["n_neurons"], "same_as": p["same_as"]}
+        if p["same_as"] is None:
+            src = next(it)
+            per_set = {ps: src[ps] for ps in ("harmful", "harmless") if ps in src}
+            kl = {k: src.get(k) for k in ("kl_first", "kl_seq")}
+        else:
+            per_set = {ps: refusal[f"{ps}/{p['same_as']}"] for ps in ("harmful", "harmless")
+                       if f"{ps}/{p['same_as']}" in refusal}
+            kl = dict((damage or {}).get(p["same_as"], {"kl_first": None, "kl_seq": None}))
+        for ps, v in per_set.items():
+            count = int(sum(v["flags"]))
+            none = refusal[f"{ps}/none"]
+            row[ps] = {"rate": v["rate"], "n": v["n"], "count": count, "mean_quality": v["mean_quality"],
+                       "ci": list(stats_lib.wilson_interval(count, v["n"])),
+                       "mcnemar_p": stats_lib.mcnemar_exact(none["flags"], v["flags"])}
+        row.update(kl)
+        rows.append(row)
+    return rows
+
+
 def refusal_statistics(refusal: dict[str, dict]) -> dict:
-    """Wilson intervals and paired McNemar p-values of the refusal stage's conditions (docs/METHOD.md §5).
+    """Wilson intervals and paired McNemar p-values of the refusal stage's conditions (docs/METHOD.md §5.4).
 
     refusal: "harmful/<name>" / "harmless/<name>" -> {"rate", "n", "flags" (list[bool], per prompt), ...}.
     Returns {"count", "n", "ci"}, each keyed like ``refusal`` (ci: [low, high], 95% Wilson), and

@@ -158,7 +158,7 @@ def test_study_launch_rejects_a_mesh_that_does_not_divide_the_model_before_loadi
 
 def test_multi_study_overrides_use_the_config_syntax(tmp_path):
     workdir = tmp_path / "multi"
-    configs = f"--configs=configs/pairs.py:smollm2_135m,configs/smollm2_testbed.py"
+    configs = "--configs=configs/pairs.py:smollm2_135m,configs/smollm2_testbed.py"
     # An override applies to every config; this one makes both meshes invalid on 8 devices.
     proc, _ = _run("multi_study.py", configs, "--config.mesh.tensor=3", workdir=workdir)
     assert proc.returncode != 0 and "fixed axes multiply to 3, which does not divide 8" in proc.stderr

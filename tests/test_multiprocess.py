@@ -143,6 +143,8 @@ def small_config(pair):
     c = tiny_config(pair)
     c.nulls.n_layer_matched = c.nulls.n_uniform = 1
     c.data.n_pairs, c.data.n_eval = 32, 8  # a time bound for the suite: 2 runs of the whole study
+    # Every stage runs (direction, damage and sweeps too), the sweeps with one point of each kind.
+    c.sweeps.k_percent, c.sweeps.multipliers, c.sweeps.alpha_scales = (1.0,), (0.5,), (1.5,)
     c.mesh.devices, c.mesh.data, c.mesh.tensor = -1, 4, 2
     return c
 

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from cna_jax import convert, data, direction, engine
-from cna_jax.lm import LM, bucket, left_pad, split_shared_prefix
+from cna_jax.batching import bucket, left_pad, split_shared_prefix
+from cna_jax.lm import LM
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
 from hf_models import save_tiny
 from test_generate import PROMPTS
@@ -300,3 +301,58 @@ def test_select_direction_layer_bad_input(tiny_selection):
         _select(lm, dirs, heldout, layers=[])
     with pytest.raises(ValueError, match="unknown behaviour scorer"):
         direction.select_direction_layer(lm, dirs, None, ids=heldout, decode=str, detector="nonsense")
+
+
+def _hf_kl(hf, cond, ids, conts):
+    """KL(p_none || p_cond) per prompt and position along the continuations, one unpadded sequence at a
+    time through HF (hooks implement the condition). Returns a list of [n_p] float64 arrays."""
+    out = []
+    for p, c in zip(ids, conts):
+        x = torch.tensor([list(p) + list(c)])
+        sl = slice(len(p) - 1, len(p) - 1 + len(c))  # the positions predicting continuation tokens 0..n-1
+        ref = _with_hooks(hf, engine.Condition(), lambda: hf(input_ids=x).logits[0, sl].double().log_softmax(-1))
+        got = _with_hooks(hf, cond, lambda: hf(input_ids=x).logits[0, sl].double().log_softmax(-1))
+        out.append((ref.exp() * (ref - got)).sum(-1).numpy())
+    return out
+
+
+def test_tiny_qwen2_kl_damage_matches_hf_hooks(tmp_path):
+    """KL_first / KL_seq (docs/METHOD.md §4) of a neuron multiplier, a directional ablation and an
+    activation addition against HF forward hooks, along the unmodified model's greedy continuations of
+    different lengths, in padded batches (2 of 3 prompts + a filler row)."""
+    from cna_jax import damage
+
+    path, hf = save_tiny(tmp_path, "qwen2")
+    cfg, params = convert.load(path)
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (5, 9, 3)]
+    other = [rng.integers(3, cfg.vocab_size, 8).tolist() for _ in range(3)]
+    r = (_hf_mean_residuals(hf, ids) - _hf_mean_residuals(hf, other))[2]
+    conts = [c[:k] for c, k in zip(_hf_generate(hf, engine.Condition(), ids, 7, [cfg.vocab_size], 0), (7, 2, 5))]
+    # A tiny random model's next-token distributions are nearly flat: amplify every neuron to move them.
+    conditions = [engine.Condition(np.full((cfg.num_hidden_layers, cfg.intermediate_size), 30.0, np.float32)), engine.Condition(direction=r, ablate=True),
+                  engine.Condition(direction=r, add={1: -2.0}), engine.Condition()]
+    kl = damage.kl_along(lm, ids, conts, conditions, batch_size=2)
+    assert kl.shape == (4, 3, 7)
+    for c, cond in enumerate(conditions):
+        want = _hf_kl(hf, cond, ids, conts)
+        for p, w in enumerate(want):
+            got = kl[c, p]
+            assert np.isnan(got[len(w):]).all() and not np.isnan(got[:len(w)]).any()
+            # The float32 logits differ from HF's by ~1e-5 (the model's own rounding); a KL is a sum of
+            # p * (log p - log q) over the vocabulary, so its error is of that order, not relative.
+            np.testing.assert_allclose(got[:len(w)], w, rtol=1e-3, atol=2e-5)
+        print(f"condition {c}: max KL {max(w.max() for w in want):.2e}")
+        if c < 3:
+            assert max(w.max() for w in want) > 5e-4, f"condition {c} hardly changes the distribution"
+    assert np.all(kl[3][~np.isnan(kl[3])] == 0)  # no intervention: the same logits, exactly
+    s = damage.summarize_kl(kl)
+    firsts = kl[:, :, 0].mean(1)
+    seqs = np.array([np.mean([kl[c, p, :n].mean() for p, n in enumerate((7, 2, 5))]) for c in range(4)])
+    np.testing.assert_allclose(s["kl_first"], firsts, rtol=1e-12)
+    np.testing.assert_allclose(s["kl_seq"], seqs, rtol=1e-12)
+    # Scoring only the first 3 positions equals the first 3 columns of the full run (other padding and
+    # batch: logits differ in the last float32 bits, ~1e-6 relative, so the KLs by ~1e-6 absolute).
+    short = damage.kl_along(lm, ids, conts, conditions[:1], max_positions=3, batch_size=3)
+    np.testing.assert_allclose(short[0], kl[0, :, :3], rtol=1e-4, atol=2e-6)

@@ -56,7 +56,7 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     ran = []
     full = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
     assert ran == ["cna", "acts-instruct", "acts-base", "graph-contrast_instruct", "graph-harmful_instruct",
-                   "graph-contrast_base", "generation"]
+                   "graph-contrast_base", "direction", "generation", "damage", "sweeps"]
     # Every table cell is filled from computed results.
     report = open(tmp_path / "full" / "report" / "report.md").read()
     from cna_jax.report import tables
@@ -74,10 +74,30 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     from test_notebooks import outputs, run_notebook
     nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": str(tmp_path / "full" / "report"), "TMPDIR": str(tmp_path)})
     assert "CNA # of Neurons" in outputs(nb) and os.path.getsize(tmp_path / "cna_redraw" / "graphs.png") > 5000
-    for fig in ("graphs.png", "refusal.png", "nulls.png"):
+    # The baselines and sweeps (docs/METHOD.md §4): the direction layer among the middle 20-80% (layers
+    # 1-3 of 4), every condition's KLs, no intervention's exactly 0, and every sweep point.
+    d = full["direction"]
+    assert d["selected"] and d["layer"] in (1, 2, 3) and sorted(d["rates"]) == ["1", "2", "3"]
+    assert d["rates"][str(d["layer"])] == min(d["rates"].values())
+    assert d["alpha"] == pytest.approx(-d["harmful_projection"])
+    assert set(full["damage"]) == {"none", "cna", "contrast_graph", "harmful_graph", "direction_ablation", "act_add"}
+    assert full["damage"]["none"] == {"kl_first": 0.0, "kl_seq": 0.0}
+    assert all(v["kl_first"] > 0 and v["kl_seq"] > 0 for k, v in full["damage"].items() if k != "none")
+    assert [(x["sweep"], x["value"]) for x in full["sweeps"]] == \
+        [("k_percent", v) for v in (0.05, 0.1, 0.2, 0.5, 1.0)] + [("multiplier", v) for v in (-1, 0, 0.5, 1.5, 2)] \
+        + [("alpha_scale", v) for v in (0.5, 1.0, 1.5)]
+    same = {(x["sweep"], x["value"]): x["same_as"] for x in full["sweeps"]}
+    assert same[("multiplier", 0.0)] == "cna" and same[("alpha_scale", 1.0)] == "act_add"
+    assert sum(v is not None for v in same.values()) == 2  # k = 24 is none of the sweep's sizes
+    m0 = next(x for x in full["sweeps"] if x["same_as"] == "cna")
+    assert m0["harmful"]["rate"] == full["refusal"]["harmful/cna"] and m0["kl_seq"] == full["damage"]["cna"]["kl_seq"]
+    # The multiplier sweep's m = 1.5 and m = 0.5 points move the model less than m = -1 (KL_first, in nats).
+    kl_m = {x["value"]: x["kl_first"] for x in full["sweeps"] if x["sweep"] == "multiplier"}
+    assert kl_m[-1.0] > kl_m[0.5] and kl_m[-1.0] > kl_m[1.5]
+    for fig in ("graphs.png", "refusal.png", "nulls.png", "sweeps.png"):
         assert os.path.getsize(tmp_path / "full" / "report" / fig) > 5000
     for name in ("table_a_refusal.csv", "table_b_edges.csv", "table_c_harmful_only.csv", "table_d_nulls.csv",
-                 "results.json"):
+                 "table_e_baselines.csv", "table_f_sweeps.csv", "results.json"):
         assert os.path.exists(tmp_path / "full" / "report" / name)
     assert NeuronSet.load(str(tmp_path / "full" / "report" / "neuron_set.json")).pairs()
     assert os.path.exists(tmp_path / "full" / "report" / "graph_contrast_base.graphml")
@@ -92,7 +112,8 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     results, combined = run_many([("full", c), ("full", c)], str(tmp_path), progress=False)
     text = open(combined).read()
     assert [_numbers(r) for r in results] == [_numbers(full)] * 2
-    assert text.count("| tiny-pair |") == 2 + 2 + 2 + 4  # tables a, b, c: one row each; d: two per model
+    # tables a, b, c: one row each; d: two per model; e: six conditions; f: thirteen sweep points
+    assert text.count("| tiny-pair |") == 2 * (1 + 1 + 1 + 2 + 6 + 13)
 
     # A run killed inside the generation job resumes with the rows that had finished (appended to the
     # stage's row log) and generates only the rest; the tables come out the same.
@@ -114,7 +135,8 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
             Study(c, str(tmp_path / "resume"), progress=False).run()
     finally:
         Stage.append_row = original_append
-    total = 4 * 2 * 10 + 6 * 10  # (4 conditions x harmful, harmless + 6 nulls) x 10 held-out prompts
+    total = 6 * 2 * 10 + 6 * 10  # (6 conditions x harmful, harmless + 6 nulls) x 10 held-out prompts
+    sweep_rows = 11 * 2 * 10  # 13 sweep points, 2 of them equal to main conditions (reused)
 
     def counting(lm, rows, *args, **kw):
         jobs.append(len(rows))
@@ -126,8 +148,8 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
         resumed = Study(c, str(tmp_path / "resume"), progress=False, on_stage=ran.append).run()
     finally:
         engine.run = original_run
-    assert ran == ["generation"]  # only the interrupted stage ran again
-    assert jobs == [total - 7]
+    assert ran == ["generation", "damage", "sweeps"]  # the interrupted stage and the two never reached
+    assert jobs == [total - 7, sweep_rows]
     assert _numbers(resumed) == _numbers(full)
 
 
@@ -156,6 +178,18 @@ def test_bad_configs_fail_fast(tiny_pair, tmp_path):
     wrong_shape.model.shape.intermediate_size = 256
     with pytest.raises(ValueError, match="does not match"):
         Study(wrong_shape, str(tmp_path / "e"), progress=False).lm("instruct")
+    # The baselines' settings and the scorer fail before any model is loaded (Study() loads none).
+    for field, value, match in (("direction.layer", 4, r"direction.layer=4 is out of range \[0, 4\)"),
+                                ("sweeps.k_percent", (), "sweeps.k_percent is empty"),
+                                ("sweeps.alpha_scales", (), "sweeps.alpha_scales is empty"),
+                                ("sweeps.k_percent", (100.0,), "gives k=512, outside"),
+                                ("generation.detector", "custom_scorer:wrong_length", "returned 1 flags for 2 texts"),
+                                ("generation.detector", "no_such_module_x:f", "not importable")):
+        bad = copy.deepcopy(c)
+        section, name = field.split(".")
+        bad[section][name] = value
+        with pytest.raises(ValueError, match=match):
+            Study(bad, str(tmp_path / "g"), progress=False)
     missing = copy.deepcopy(c)
     missing.model.instruct = str(tmp_path / "no_model_here")
     with pytest.raises(FileNotFoundError):
@@ -191,6 +225,14 @@ def test_sharded_study_equals_single_device(tiny_pair, tmp_path):
     assert len(study.lm("instruct").params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
     for key in ("cna_neurons", "graph_neurons", "refusal", "edges"):
         assert _numbers(sharded)[key] == _numbers(single)[key], key
+    assert sharded["direction"]["layer"] == single["direction"]["layer"]
+    assert [x.get("harmful", {}).get("flags") for x in sharded["sweeps"]] == \
+        [x.get("harmful", {}).get("flags") for x in single["sweeps"]]
+    # A KL is sum_v p_v (log p_v - log q_v) of float32 log-probabilities of size ~log(49152) = 11, whose
+    # last bits follow the mesh's reduction order: each term is off by ~11 x 6e-8 and the p-weighted sum by
+    # about as much, so KLs agree to ~1e-6 absolute (not relatively: these KLs are ~1e-4).
+    for name, v in single["damage"].items():
+        assert sharded["damage"][name] == pytest.approx(v, rel=1e-3, abs=2e-6), name
 
 
 def test_load_config_file_overrides(tmp_path):

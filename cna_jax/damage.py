@@ -1,0 +1,101 @@
+"""Damage of an intervention, measured against the unmodified model (docs/METHOD.md §5.2).
+
+For each condition and prompt, the KL divergence ``KL(p_none || p_cond)`` (natural log) of the
+next-token distributions at the positions that predict the unmodified model's own greedy continuation
+(teacher-forced: both models read the same tokens):
+
+* ``KL_first`` -- at the first generated position only (heretic's measure);
+* ``KL_seq`` -- the mean over the continuation's positions (up to ``max_new_tokens``), which also
+  catches damage that appears only later in a generation.
+
+Each is computed per prompt, then averaged over prompts. Every condition applies its intervention to
+the whole sequence (prompt and continuation), as in generation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cna_jax.batching import padded_batches
+from cna_jax.engine import Condition, sharded_table, stack_conditions
+from cna_jax.models.config import ModelConfig
+from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
+
+
+def _logprobs(params, tokens, valid, select, table, cond, cfg, dtype):
+    out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
+                                    select=select, intervention=Intervention(*table, cond))
+    return jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def logprobs_fn(params, tokens, valid, select, table, cond, *, cfg: ModelConfig, dtype):
+    """log-softmax ``[B, N, V]`` float32 at positions ``select`` [B, N]; row b under condition cond[b].
+    tokens, valid: [B, T] left-padded."""
+    return _logprobs(params, tokens, valid, select, table, cond, cfg, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def kl_fn(ref_logp, params, tokens, valid, select, table, cond, *, cfg: ModelConfig, dtype):
+    """``KL(ref || cond)`` ``[B, N]`` per position; ref_logp: [B, N, V] (the unmodified model's)."""
+    logq = _logprobs(params, tokens, valid, select, table, cond, cfg, dtype)
+    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logq), axis=-1)
+
+
+def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+             conditions: Sequence[Condition], *, max_positions: int | None = None, batch_size: int = 8,
+             progress: bool = False, desc: str = "KL") -> np.ndarray:
+    """Per-position KL of every condition against the unmodified model along given continuations.
+
+    prompt_ids: the prompts' token ids (as generation saw them, chat template included);
+    continuations: the unmodified model's greedy tokens for each prompt (at least one each);
+    max_positions: score at most this many positions per prompt (default: all).
+    Returns ``[C, P, N]`` float64 (N = the longest scored continuation), NaN beyond each prompt's
+    scored length. A neutral condition gives exactly 0 (same logits, same reduction order).
+    """
+
+    if len(prompt_ids) != len(continuations):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(continuations)} continuations")
+    if not len(prompt_ids) or not conditions:
+        raise ValueError("kl_along needs at least one prompt and one condition")
+    cont = [list(c)[:max_positions] for c in continuations]
+    if min(map(len, cont)) < 1:
+        raise ValueError("every continuation needs at least one token")
+    n = max(map(len, cont))
+    table = stack_conditions(lm.cfg, list(conditions) + [Condition()])  # the last is the unmodified model
+    ref_idx = len(conditions)
+    if lm.layout is not None:
+        table = sharded_table(lm.layout, table)
+    else:
+        table = tuple(jnp.asarray(x) for x in table)
+    seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
+    out = np.full((len(conditions), len(seqs), n), np.nan)
+    pad = lm.pad_id() if lm.tokenizer is not None else 0
+    stat = dict(cfg=lm.cfg, dtype=lm.dtype)
+    batches = padded_batches(seqs, batch_size, pad, progress=progress, desc=desc, multiple=lm.batch_multiple())
+    for rows, tokens, valid in batches:
+        b, t = tokens.shape
+        lens = np.array([len(cont[r]) for r in rows] + [len(cont[rows[0]])] * (b - len(rows)))  # fillers repeat
+        # Position t-1-len+j reads the prompt's last token (j = 0) or continuation token j-1, predicting token j.
+        select = np.minimum(t - 1 - lens[:, None] + np.arange(n)[None, :], t - 1).astype(np.int32)
+        arrays = (tokens, valid, select)
+        if lm.layout is not None:
+            arrays = lm.global_batch(*arrays)
+        rep = lambda c: (lm.global_batch(np.full((b,), c, np.int32))[0] if lm.layout is not None
+                         else jnp.full((b,), c, jnp.int32))
+        ref = logprobs_fn(lm.params, *arrays, table, rep(ref_idx), **stat)
+        for c in range(len(conditions)):
+            kl = lm.to_host(kl_fn(ref, lm.params, *arrays, table, rep(c), **stat))
+            for i, r in enumerate(rows):
+                out[c, r, :lens[i]] = kl[i, :lens[i]]
+    return out
+
+
+def summarize_kl(kl: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"kl_first": [C], "kl_seq": [C]}`` from :func:`kl_along`'s ``[C, P, N]``: per prompt (the first
+    position; the mean over its scored positions), then the mean over prompts."""
+    return {"kl_first": kl[:, :, 0].mean(axis=1), "kl_seq": np.nanmean(kl, axis=2).mean(axis=1)}
