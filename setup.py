@@ -34,7 +34,7 @@ setup(
         "data": ["datasets>=2.18", "pandas>=2.0", "pyarrow>=14"],
         # torch is only a test-time oracle (HF PyTorch reference models); install torch==2.13.0 first.
         "test": ["pytest>=8", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
-                 "statsmodels>=0.14"],  # statsmodels: the reference for cna_jax.stats
+                 "statsmodels>=0.14", "pytest-xdist>=3.5"],  # statsmodels: the reference for cna_jax.stats; xdist: -n 2
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
