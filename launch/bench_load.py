@@ -18,7 +18,7 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import pin_one_core  # noqa: E402  (launch/benchlib.py)
+from benchlib import pin_one_core, sgemm_gflops  # noqa: E402  (launch/benchlib.py)
 
 pin_one_core()  # also sets OPENBLAS_NUM_THREADS=1 before NumPy loads
 
@@ -38,19 +38,6 @@ import numpy as np  # noqa: E402
 from cna_jax.lm import LM, load_tokenizer  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed rounds (median) after one warm-up round.")
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """One-thread float32 n x n matmul rate (NumPy / OpenBLAS), GFLOP/s, median of ``repeats``."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def tiny_source(root: str) -> str:
