@@ -6,12 +6,14 @@ conditions are stacked into one table (:class:`cna_jax.models.llama.Intervention
 of two with neutral rows, so a new set of conditions of the same bucket never recompiles) and each row
 carries its condition index as a traced argument: any mix of conditions shares a batch.
 
-The device holds ``S`` slots (:class:`SlotState`). The host loop alternates two jitted calls:
+The device holds ``S`` slots (:class:`SlotState`). The host loop alternates three jitted calls:
 
-* ``insert`` -- prefill up to ``P`` queued rows (P is ``max(1, S // 4)`` or ``S``: two compiled sizes; a
-  smaller P than the free slots would leave slots idle, a larger one prefills filler rows; both capped at
-  ``PREFILL_TOKENS`` rows x padded length, so long prompts fill the free slots in several calls) and write
-  their keys/values, first token and bookkeeping into free slots;
+* ``prefill`` -- the next ``P = S // 4`` queued rows (at least 1; capped at ``PREFILL_TOKENS`` rows x
+  padded length) in one forward pass, padded to the bucket of *their* longest suffix (the queue is
+  sorted by length, so short rows are not padded to the job's longest), into a staging buffer
+  (:class:`Staged`) of keys/values, first tokens and bookkeeping;
+* ``place`` -- copies staged rows into free slots (a cheap copy: rows end a few at a time, so a
+  prefilled row may wait a chunk or two in the buffer instead of the prefill computing filler rows);
 * ``decode`` -- up to ``chunk`` greedy steps over all slots in one ``lax.while_loop`` (it stops early
   when every slot is done); a slot decodes at most one chunk past its row's end.
 
@@ -26,8 +28,9 @@ slots, so the cache update stays a single ``dynamic_update_slice`` whatever step
 stored already rotated and attention is order-free over slots, so a row's columns need not be in time
 order; a row lives at most ``max_new_tokens - 1`` decode steps, so it never overwrites its own columns.
 
-Compiled shapes per job: one prefix pass, one decode chunk and two insert sizes; all are cached across
-jobs with the same (S, T, Q, C bucket, max_new_tokens).
+Compiled shapes per job: one prefix pass, one decode chunk, one place and one prefill per length bucket
+the job's suffixes fall in (with the study's 16-token buckets: 2 for 10-21-token suffixes); all are
+cached across jobs with the same (S, T, Q, C bucket, max_new_tokens).
 
 Memory of the condition table: ``C x L x I`` float32. Llama-3.1-70B (80 x 28,672) with 64 conditions is
 587 MB, split over the tensor axis (73 MB per device at tensor=8); SmolLM2 with 64 is 11.8 MB.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -154,54 +158,91 @@ def empty_state_fn(*, cfg: ModelConfig, dtype, slots: int, width: int, max_new_t
                      jnp.ones((s,), bool), jnp.zeros((s,), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def prefix_fn(params, prefix_tokens, table, *, cfg: ModelConfig, dtype) -> KVCache:
-    """Keys/values ``[L, C, K, Q, D]`` of the shared prefix [Q] under each of the C conditions."""
+def prefix_fn(params, prefix_tokens, table, *, cfg: ModelConfig, dtype, cache_sharding=None) -> KVCache:
+    """Keys/values ``[L, C, K, Q, D]`` of the shared prefix [Q] under each of the C conditions.
+
+    cache_sharding: the stacked cache's NamedSharding on a mesh (``Layout.sharding(CACHE_AXES)``), or None."""
     c, q = table[0].shape[0], prefix_tokens.shape[0]
     tokens = jnp.broadcast_to(prefix_tokens[None].astype(jnp.int32), (c, q))
     positions = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32)[None], (c, q))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool))[None], (c, q, q))
-    out = Decoder(cfg, dtype).apply({"params": params}, tokens, positions, mask, cache=KVCache.zeros(cfg, c, q, dtype),
-                                    cache_slot=0, return_logits=False,
+    out = Decoder(cfg, dtype, cache_sharding).apply({"params": params}, tokens, positions, mask,
+                                                    cache=KVCache.zeros(cfg, c, q, dtype, cache_sharding),
+                                                    cache_slot=0, return_logits=False,
                                     intervention=Intervention(*table, jnp.arange(c, dtype=jnp.int32)))
     return out.cache
 
 
-def insert_fn(params, state: SlotState, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids, *,
-              cfg: ModelConfig, dtype) -> SlotState:
-    """Prefills P rows and writes them into slots ``slot_idx`` [P] (an index >= S drops a filler row).
+class Staged(NamedTuple):
+    """P prefilled rows waiting for free slots (the output of ``prefill``, the input of ``place``).
 
-    tokens, valid: [P, T] left-padded suffixes; cond: [P]; prefix_kv: None or [L, C, K, Q, D]."""
-    model = Decoder(cfg, dtype)
+    cache: per-layer tuples, keys [P, K, D, Q + T], values [P, K, Q + T, D] (the slot layout's prompt
+    columns); kv_valid: [P, Q + T]; tok: [P] first generated token; pos: [P] its rotary position;
+    done: [P] ended at the first token; cond: [P]."""
+
+    cache: KVCache
+    kv_valid: jax.Array
+    tok: jax.Array
+    pos: jax.Array
+    done: jax.Array
+    cond: jax.Array
+
+
+def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, *, cfg: ModelConfig, dtype, width: int,
+               max_new_tokens: int, cache_sharding=None) -> Staged:
+    """Prefills P rows (left-padded suffixes ``tokens``, ``valid`` [P, t], t <= T) under conditions ``cond`` [P].
+
+    width: Q + T, the prompt columns of a slot; a row shorter than the slot's T is padded on the left
+    (invalid columns), so one compiled prefill per length bucket serves every row of that bucket.
+    prefix_kv: None or [L, C, K, Q, D] (:func:`prefix_fn`); cache_sharding: as for :func:`prefix_fn`."""
+    model = Decoder(cfg, dtype, cache_sharding)
     p, t = tokens.shape
-    s, w = state.kv_valid.shape
-    n = state.out.shape[1]
     q = 0 if prefix_kv is None else prefix_kv.k.shape[3]
-    cache = KVCache.zeros(cfg, p, q + t, dtype)
+    gap = width - q - t  # unused columns between the prefix and a shorter suffix
+    cache = KVCache.zeros(cfg, p, q + t, dtype, cache_sharding)
     if q:
         cache = KVCache(*(constrain_cache(jax.lax.dynamic_update_slice(c, jnp.take(pk, cond, axis=1).astype(c.dtype),
-                                                                       (0, 0, 0, 0, 0)))
+                                                                       (0, 0, 0, 0, 0)), cache_sharding)
                           for c, pk in zip(cache, prefix_kv)))
-    kv_valid = jnp.concatenate([jnp.ones((p, q), bool), valid], axis=1)  # [P, Q + T]
+    kv_valid = jnp.concatenate([jnp.ones((p, q), bool), valid], axis=1)  # [P, Q + t]
     mask = (jnp.arange(q + t)[None, None, :] <= (q + jnp.arange(t))[None, :, None]) & kv_valid[:, None, :]
     out = model.apply({"params": params}, tokens, q + padding_positions(valid), mask, None, cache, q,
                       select=jnp.full((p, 1), t - 1, jnp.int32),
                       intervention=Intervention(*table, cond))
-    first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+    first = greedy_tokens(out.logits[:, 0]).astype(jnp.int32)
 
-    def put(dst, src):
-        return dst.at[slot_idx].set(src.astype(dst.dtype), mode="drop")
+    def widen(x, axis):  # [.., Q + t, ..] -> [.., Q + T, ..]: the gap as invalid columns after the prefix
+        if not gap:
+            return x
+        x = jnp.moveaxis(x, axis, -1)
+        x = jnp.concatenate([x[..., :q], jnp.zeros(x.shape[:-1] + (gap,), x.dtype), x[..., q:]], axis=-1)
+        return jnp.moveaxis(x, -1, axis)
 
-    written = split_layers(out.cache)  # [P, K, D, Q + T] keys, [P, K, Q + T, D] values per layer
-    new_cache = KVCache(tuple(c.at[slot_idx, :, :, :q + t].set(x.astype(c.dtype), mode="drop")
-                              for c, x in zip(state.cache.k, written.k)),
-                        tuple(c.at[slot_idx, :, :q + t].set(x.astype(c.dtype), mode="drop")
-                              for c, x in zip(state.cache.v, written.v)))
-    row_valid = jnp.concatenate([kv_valid, jnp.zeros((p, w - q - t), bool)], axis=1)
+    written = split_layers(out.cache)  # [P, K, D, Q + t] keys, [P, K, Q + t, D] values per layer
+    return Staged(KVCache(tuple(widen(x, 3) for x in written.k), tuple(widen(x, 2) for x in written.v)),
+                  widen(kv_valid, 1), first, q + valid.sum(axis=1).astype(jnp.int32),
+                  _is_eos(first, eos_ids) | (max_new_tokens <= 1), cond)
+
+
+def place_fn(state: SlotState, staged: Staged, src, slot_idx) -> SlotState:
+    """Moves staged rows ``src`` [M] into slots ``slot_idx`` [M] (an index >= S drops that entry)."""
+    w = state.kv_valid.shape[1]
+    n = state.out.shape[1]
+    m, width = src.shape[0], staged.kv_valid.shape[1]
+    rows = jax.tree.map(lambda x: jnp.take(x, src, axis=0), staged)
+
+    def put(dst, x):
+        return dst.at[slot_idx].set(x.astype(dst.dtype), mode="drop")
+
+    cache = KVCache(tuple(c.at[slot_idx, :, :, :width].set(x.astype(c.dtype), mode="drop")
+                          for c, x in zip(state.cache.k, rows.cache.k)),
+                    tuple(c.at[slot_idx, :, :width].set(x.astype(c.dtype), mode="drop")
+                          for c, x in zip(state.cache.v, rows.cache.v)))
     return SlotState(
-        cache=new_cache, kv_valid=put(state.kv_valid, row_valid), tok=put(state.tok, first),
-        pos=put(state.pos, q + valid.sum(axis=1)), step=put(state.step, jnp.ones((p,), jnp.int32)),
-        out=put(state.out, jnp.zeros((p, n), jnp.int32).at[:, 0].set(first)),
-        done=put(state.done, _is_eos(first, eos_ids) | (n <= 1)), cond=put(state.cond, cond), clock=state.clock)
+        cache=cache, kv_valid=put(state.kv_valid, jnp.concatenate([rows.kv_valid, jnp.zeros((m, w - width), bool)], 1)),
+        tok=put(state.tok, rows.tok), pos=put(state.pos, rows.pos), step=put(state.step, jnp.ones((m,), jnp.int32)),
+        out=put(state.out, jnp.zeros((m, n), jnp.int32).at[:, 0].set(rows.tok)),
+        done=put(state.done, rows.done), cond=put(state.cond, rows.cond), clock=state.clock)
 
 
 def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dtype, steps: int) -> SlotState:
@@ -235,21 +276,29 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
 
 # Jitted single-device entry points (static shapes come from the arguments).
 _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots", "width", "max_new_tokens"))
-_prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype"))
-_insert = jax.jit(insert_fn, static_argnames=("cfg", "dtype"), donate_argnums=(1,))
+_prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding"))
+_place = jax.jit(place_fn, donate_argnums=(0,))
 _decode = jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps"), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
 class Functions:
-    """The four jitted calls of a job (single device, or sharded on a layout)."""
+    """The jitted calls of a job (single device, or sharded on a layout)."""
 
-    empty: Callable
-    prefix: Callable
-    insert: Callable
-    decode: Callable
-    put_rows: Callable  # host [P, ...] arrays -> device arrays for ``insert``
+    empty: Callable  # () -> SlotState
+    prefix: Callable  # (params, prefix tokens [Q], table) -> prefix_kv
+    prefill: Callable  # (params, prefix_kv, tokens, valid, cond, table, eos_ids) -> Staged
+    place: Callable  # (state, staged, src, slot_idx) -> SlotState
+    decode: Callable  # (params, state, table, eos_ids) -> SlotState
+    put_rows: Callable  # host [P, ...] arrays -> device arrays (prefill's rows, place's indices)
     put_table: Callable  # host condition arrays -> device arrays
+
+    def insert(self, params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids) -> SlotState:
+        """Prefill P rows and place row i in slot ``slot_idx[i]`` (>= S drops it): the two calls at once."""
+        staged = self.prefill(params, prefix_kv, *self.put_rows(tokens, valid, cond), table, eos_ids)
+        p = np.shape(tokens)[0]
+        return self.place(state, staged, *self.put_rows(np.arange(p, dtype=np.int32), np.asarray(slot_idx, np.int32)))
 
 
 def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max_new_tokens: int, chunk: int
@@ -257,8 +306,9 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
     stat = dict(cfg=cfg, dtype=dtype)
     return Functions(
         empty=functools.partial(_empty_state, slots=slots, width=width, max_new_tokens=max_new_tokens, **stat),
-        prefix=functools.partial(_prefix, **stat), insert=functools.partial(_insert, **stat),
-        decode=functools.partial(_decode, steps=chunk, **stat),
+        prefix=functools.partial(_prefix, **stat),
+        prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
+        place=_place, decode=functools.partial(_decode, steps=chunk, **stat),
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
         put_table=lambda t: tuple(jnp.asarray(x) for x in t))
 
@@ -268,45 +318,75 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                       ) -> Functions:
     """The same calls on a mesh: slots split over the batch (data) axes, the condition table's neuron axis
     over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings (less the layer axis;
-    keys with their last two axes swapped, see :func:`split_layers`)."""
+    keys with their last two axes swapped, see :func:`split_layers`). Prefilled rows are split over the
+    batch axes when their count divides, else replicated."""
     from cna_jax.sharding import ShardedFunction
 
     b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys [S, K, D, W] and values [S, K, W, D]
     b1, b2, rep = layout.batch(1), layout.batch(2), layout.replicated()
     n = cfg.num_hidden_layers
-    cache_sh = KVCache((layout.sharding((b_, kv_, d_, len_)),) * n, (layout.sharding((b_, kv_, len_, d_)),) * n)
-    state_sh = SlotState(cache_sh, b2, b1, b1, b1, b2, b1, b1, rep)
+
+    def cache_sh(batch_axis):
+        return KVCache((layout.sharding((batch_axis, kv_, d_, len_)),) * n,
+                       (layout.sharding((batch_axis, kv_, len_, d_)),) * n)
+
+    state_sh = SlotState(cache_sh(b_), b2, b1, b1, b1, b2, b1, b1, rep)
     table_sh = table_shardings(layout)
     params_sh = layout.params(cfg, dtype)
     stat = dict(cfg=cfg, dtype=dtype)
+    cached = dict(stat, cache_sharding=layout.sharding(CACHE_AXES))  # the stacked cache of prefix / prefill
+    # Prefilled rows are split over the batch axes when their count divides both the inputs' batch axes and
+    # the cache's (a "batch" KV-head fallback also splits the cache batch over tensor).
+    mult = math.lcm(layout.batch_size_multiple(), _ways(layout.sharding((b_,)), 0))
+    split = lambda p: p % mult == 0
+
+    def staged_sh(p):
+        if not split(p):
+            return Staged(cache_sh(None), rep, rep, rep, rep, rep)
+        return Staged(cache_sh(b_), b2, b1, b1, b1, b1)
+
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
-    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh), rep, stat)
-    mult = layout.batch_size_multiple()
+    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh), rep, cached)
+    prefills: dict[int, ShardedFunction] = {}
+    places: dict[int, ShardedFunction] = {}
 
-    def row_sh(p):  # prefill rows split over the batch axes when they divide, else replicated
-        return (b2, b2, b1, b1) if p % mult == 0 else (rep,) * 4
+    def prefill_at(p):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
+        if p not in prefills:
+            rows = (b2, b2, b1) if split(p) else (rep,) * 3
+            prefills[p] = ShardedFunction(prefill_fn, layout, (params_sh, rep, *rows, table_sh, rep), staged_sh(p),
+                                          dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, **cached))
+        return prefills[p]
 
-    inserts: dict[int, ShardedFunction] = {}
+    def place_at(p, m):  # P staged rows, M placements
+        if (p, m) not in places:
+            idx = b1 if split(m) else rep
+            places[(p, m)] = ShardedFunction(place_fn, layout, (state_sh, staged_sh(p), idx, idx), state_sh, {},
+                                             donate=(0,))
+        return places[(p, m)]
 
-    def insert_at(p):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
-        if p not in inserts:
-            inserts[p] = ShardedFunction(insert_fn, layout, (params_sh, state_sh, rep, *row_sh(p), table_sh, rep),
-                                         state_sh, stat, donate=(1,))
-        return inserts[p]
+    def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids):
+        return prefill_at(tokens.shape[0])(params, prefix_kv, tokens, valid, cond, table, eos_ids)
 
-    def insert(params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids):
-        return insert_at(tokens.shape[0])(params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids)
+    def place(state, staged, src, slot_idx):
+        return place_at(staged.tok.shape[0], src.shape[0])(state, staged, src, slot_idx)
 
-    insert.at = insert_at
+    prefill.at, place.at = prefill_at, place_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,
                              dict(steps=chunk, **stat), donate=(1,))
 
     def put_rows(*arrays):
-        sh = row_sh(arrays[0].shape[0])
-        return tuple(jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]) for a, s in zip(arrays, sh))
+        sh = (lambda a: b2 if a.ndim == 2 else b1) if split(arrays[0].shape[0]) else (lambda a: rep)
+        return tuple(jax.make_array_from_callback(a.shape, sh(a), lambda idx, a=a: a[idx]) for a in arrays)
 
-    return Functions(empty, prefix, insert, decode, put_rows, functools.partial(sharded_table, layout))
+    return Functions(empty, prefix, prefill, place, decode, put_rows, functools.partial(sharded_table, layout))
+
+
+def _ways(sharding, dim: int) -> int:
+    """How many ways a NamedSharding splits array dimension ``dim``."""
+    axes = sharding.spec[dim] if dim < len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def table_shardings(layout) -> tuple:
@@ -322,17 +402,17 @@ def sharded_table(layout, table) -> tuple:
                  for a, s in zip(table, table_shardings(layout)))
 
 
-# Rows x padded length of one insert call at most: prefill memory grows with it (attention scores with
+# Rows x padded length of one prefill call at most: prefill memory grows with it (attention scores with
 # rows x length^2), so long prompts are prefilled a few rows at a time (8B at 32 slots x 2k tokens would
 # need ~90 GB in one call).
 PREFILL_TOKENS = 8192
 
 
-def insert_sizes(slots: int, length: int = 1) -> list[int]:
-    """Prefill batch sizes for prompts padded to ``length``: a quarter of the slots (at least 1) and all of
-    them (the first fill), both capped at ``PREFILL_TOKENS // length`` rows."""
-    cap = max(1, min(slots, PREFILL_TOKENS // max(length, 1)))
-    return sorted({max(1, min(cap, slots // 4)), cap})
+def prefill_rows(slots: int, length: int = 1) -> int:
+    """Rows of one prefill call for prompts padded to ``length``: a quarter of the slots (at least 1; rows
+    end a few at a time, so a bigger call would mostly wait in the staging buffer), capped at
+    ``PREFILL_TOKENS // length``."""
+    return max(1, min(slots // 4, PREFILL_TOKENS // max(length, 1)))
 
 
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
@@ -374,28 +454,34 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     eos = jnp.asarray(list(lm.eos_ids() if eos_ids is None else eos_ids) or [pad], jnp.int32)
     prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table) if q else None
     state = fns.empty()
-    sizes = insert_sizes(slots, q + t)
+    p = prefill_rows(slots, q + t)
 
-    queue = list(range(len(rows)))[::-1]  # pop() takes the next row
+    # Shortest rows first: consecutive prefill calls then share a length bucket (less padding, few shapes).
+    queue = sorted(range(len(rows)), key=lambda r: len(rows[r][0]), reverse=True)  # pop() takes the next row
     occupant = [-1] * slots  # row in each slot, -1 = free
+    staged, ready = None, []  # the last prefill call's rows, and (staged index, row) not yet placed
     results: list[list[int] | None] = [None] * len(rows)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(rows), desc=desc, unit="row")
-    while queue or any(o >= 0 for o in occupant):
+    while queue or ready or any(o >= 0 for o in occupant):
         free = [s for s, o in enumerate(occupant) if o < 0]
-        while queue and free:  # several inserts when the prefill cap is below the free slots
-            take = min(len(free), len(queue), sizes[-1])
-            p = next(x for x in sizes if x >= take)
-            new = [queue.pop() for _ in range(take)]
-            tokens, valid = left_pad([rows[r][0] for r in new], t, pad, batch=p)
-            cond = np.array([rows[r][1] for r in new] + [0] * (p - take), np.int32)
-            slot_idx = np.array(free[:take] + [slots] * (p - take), np.int32)  # slots = dropped filler
-            for s, r in zip(free, new):
+        while free and (ready or queue):
+            if not ready:  # prefill the next P queued rows (fillers repeat the first; never placed)
+                new = [queue.pop() for _ in range(min(p, len(queue)))]
+                seqs = [rows[r][0] for r in new]
+                tokens, valid = left_pad(seqs, bucket(max(map(len, seqs)), length_multiple), pad, batch=p)
+                cond = np.array([rows[r][1] for r in new] + [rows[new[0]][1]] * (p - len(new)), np.int32)
+                staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos)
+                ready = list(enumerate(new))
+            take = min(len(free), len(ready))
+            src = np.array([i for i, _ in ready[:take]] + [0] * (p - take), np.int32)
+            dst = np.array(free[:take] + [slots] * (p - take), np.int32)  # slots = dropped
+            for s, (_, r) in zip(free, ready[:take]):
                 occupant[s] = r
-            free = free[take:]
-            state = fns.insert(lm.params, state, prefix_kv, *fns.put_rows(tokens, valid, cond, slot_idx), table, eos)
+            ready, free = ready[take:], free[take:]
+            state = fns.place(state, staged, *fns.put_rows(src, dst))
         state = fns.decode(lm.params, state, table, eos)
         done, step = lm.to_host(state.done), lm.to_host(state.step)
         ended = [s for s, o in enumerate(occupant) if o >= 0 and done[s]]

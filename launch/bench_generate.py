@@ -78,7 +78,7 @@ def g5(lm, mult, params, repeats):
     never = jnp.asarray([-1], jnp.int32)  # no slot ends: every step is a full batch
     prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table)
     tokens, valid = left_pad(suffixes, t, lm.pad_id())
-    rows = fns.put_rows(tokens, valid, (np.arange(s) % 2).astype(np.int32), np.arange(s, dtype=np.int32))
+    rows = (tokens, valid, (np.arange(s) % 2).astype(np.int32), np.arange(s, dtype=np.int32))  # host arrays
     state = fns.insert(lm.params, fns.empty(), prefix_kv, *rows, table, never)
     t0 = time.perf_counter()
     state = jax.block_until_ready(fns.decode(lm.params, state, table, never))

@@ -1,10 +1,10 @@
 """D1 / D2 / D4 of PERFORMANCE.md on one GPU: an 8B-shaped Llama (configs/pairs.py:llama_3_1_8b) with random bf16
-weights, greedy decoding through the generation engine (:mod:`cna_jax.engine`: its jitted ``insert`` /
-``decode`` calls from ``single_device_functions``, and ``engine.run`` for whole jobs). D3 (the 70B memory
+weights, greedy decoding through the generation engine (:mod:`cna_jax.engine`: its jitted ``prefill`` /
+``place`` / ``decode`` calls from ``single_device_functions``, and ``engine.run`` for whole jobs). D3 (the 70B memory
 plan) is launch/plan.py.
 
-Steady-state decode (D1, D2, D4): S slots, all filled by ``insert`` (at most ``insert_sizes(S, T)[-1]``
-rows per call, as ``engine.run`` does) with random --prompt_len-token prompts; cache width
+Steady-state decode (D1, D2, D4): S slots, all filled by ``Functions.insert`` (prefill + place,
+``prefill_rows(S, T)`` rows per call, as ``engine.run`` does) with random --prompt_len-token prompts; cache width
 W = T + N (T = the prompt bucket, N = max new tokens = the ring); then ``decode`` calls of --chunk steps
 are timed one by one (--calls of them, median per step). An EOS id that never occurs (-1) keeps every
 slot busy; before a slot could reach N the slots are refilled (untimed), so every timed step is a full
@@ -162,14 +162,13 @@ class SteadyDecode:
         self.fns = engine.single_device_functions(cfg, dtype, s, t + new, new, chunk)
         self.table = self.fns.put_table(engine.stack_conditions(cfg, conditions))
         self.eos = jax.numpy.asarray([-1], jax.numpy.int32)  # never occurs
-        cap = engine.insert_sizes(s, t)[-1]
+        cap = engine.prefill_rows(s, t)
         self.batches = []  # the insert calls that fill every slot, filler rows (copies of row i) dropped
         for i in range(0, s, cap):
             take = min(cap, s - i)
             pick = np.r_[np.arange(i, i + take), np.full(cap - take, i)]
             slot_idx = np.r_[np.arange(i, i + take), np.full(cap - take, s)].astype(np.int32)
-            self.batches.append(self.fns.put_rows(tokens[pick], valid[pick], np.asarray(cond, np.int32)[pick],
-                                                  slot_idx))
+            self.batches.append((tokens[pick], valid[pick], np.asarray(cond, np.int32)[pick], slot_idx))
         t0 = time.perf_counter()
         self.state = self._fill(self.fns.empty())
         self.first_fill_s = time.perf_counter() - t0

@@ -99,10 +99,12 @@ def tiny_job(tmp_path_factory):
     return path, cfg, params, prefix, rows, conds, eos, want, suffixes
 
 
-def _check_tiny(lm, job):
+def _check_tiny(lm, job, slots=8):
+    """length_multiple=4: the 2-12-token suffixes fall in three prefill length buckets (4, 8, 12), so
+    shorter rows sit after a gap of unused columns in their slot."""
     _, _, _, prefix, rows, conds, eos, want, suffixes = job
-    got = engine.run(lm, rows, [engine.Condition(m) for m in conds], max_new_tokens=12, slots=8, chunk=3,
-                     prefix=prefix, eos_ids=[eos], pad_id=0)
+    got = engine.run(lm, rows, [engine.Condition(m) for m in conds], max_new_tokens=12, slots=slots, chunk=3,
+                     prefix=prefix, eos_ids=[eos], pad_id=0, length_multiple=4)
     for (tok, c), out in zip(rows, got):
         assert out == want[c][suffixes.index(tok)], (c, suffixes.index(tok))
     assert len({len(x) for x in got}) >= 3 and len(rows) > 8
@@ -117,7 +119,9 @@ def test_tiny_mixed_conditions_on_a_4x1x2_mesh(tiny_job):
     path, cfg, *_ = tiny_job
     layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
     _, params = convert.load(path, shardings=lambda c: layout.params(c))
-    _check_tiny(LM(cfg, params, tokenizer=None, chat=False, layout=layout), tiny_job)
+    lm = LM(cfg, params, tokenizer=None, chat=False, layout=layout)
+    _check_tiny(lm, tiny_job)  # 8 slots: prefill calls of 2 rows, replicated (2 does not divide over data=4)
+    _check_tiny(lm, tiny_job, slots=16)  # 4 rows, split over the data axis
 
 
 def test_condition_table_bucketing_and_bad_input(tiny_job):
@@ -133,7 +137,7 @@ def test_condition_table_bucketing_and_bad_input(tiny_job):
     lm = LM(cfg, params, tokenizer=None, chat=False)
     with pytest.raises(ValueError, match="names condition 3"):
         engine.run(lm, [([5, 6], 3)], [engine.Condition()], eos_ids=[1], pad_id=0)
-    assert engine.insert_sizes(32) == [8, 32] and engine.insert_sizes(3) == [1, 3]
+    assert engine.prefill_rows(32) == 8 and engine.prefill_rows(3) == 1
     # Long prompts: at most PREFILL_TOKENS rows x length per call (2k tokens: 4 rows, 8k: 1).
-    assert engine.insert_sizes(32, 2048) == [4] and engine.insert_sizes(64, 8192) == [1]
-    assert engine.insert_sizes(64, 128) == [16, 64]
+    assert engine.prefill_rows(32, 2048) == 4 and engine.prefill_rows(64, 8192) == 1
+    assert engine.prefill_rows(64, 128) == 16
