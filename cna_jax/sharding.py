@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cna_jax.models.config import ModelConfig
 from cna_jax.models import abstract_params, boxed_params, forward_fn
-from cna_jax.models.llama import CACHE_AXES, CACHE_SHARDING, KVCache
+from cna_jax.models.llama import CACHE_AXES, KVCache
 
 AXES = ("data", "fsdp", "tensor")
 KV_FALLBACKS = (None, "replicate", "batch")
@@ -197,30 +197,10 @@ class Layout:
         s = self.sharding(CACHE_AXES)
         return KVCache(s, s)
 
-    def context(self):
-        """Mesh + rules for tracing (entered inside the traced functions)."""
-        return _LayoutContext(self)
-
     def describe(self) -> str:
         shape = ", ".join(f"{a}={self.mesh.shape[a]}" for a in AXES)
         used = {k: v for k, v in self.rules if v is not None}
         return f"mesh ({shape}), rules {self.preset!r}{'' if self.kv_heads is None else f' kv_heads={self.kv_heads}'}: {used}"
-
-
-class _LayoutContext:
-    """Sets the KV cache's sharding for ``cna_jax.models.llama.constrain_cache`` while tracing."""
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-        self._token = None
-
-    def __enter__(self):
-        self._token = CACHE_SHARDING.set(self.layout.sharding(CACHE_AXES))
-        return self.layout
-
-    def __exit__(self, *exc):
-        CACHE_SHARDING.reset(self._token)
-        return False
 
 
 def make_layout(cfg: ModelConfig, mesh: Mesh, preset: str | Mapping[str, Any] = "generation", *,
@@ -364,8 +344,7 @@ class ShardedFunction:
         # positional arguments marked static (the equivalent of static_argnames on the keywords).
         def traced(*args):
             dyn, stat = args[:n_dyn], args[n_dyn:]
-            with layout.context():
-                return fn(*dyn, **dict(zip(names, stat)))
+            return fn(*dyn, **dict(zip(names, stat)))
 
         traced.__name__ = f"sharded_{getattr(fn, '__name__', 'fn')}"
 

@@ -10,8 +10,7 @@ D head_dim, E embed, I neurons, V vocab, L layers.
 """
 from __future__ import annotations
 
-import contextvars
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,14 +27,13 @@ def _param_init(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-# Logical axes of each KV cache array [L, B, K, S, D]. While ``cna_jax.sharding`` traces a sharded
-# function it sets CACHE_SHARDING to the cache's NamedSharding; otherwise the constraint is a no-op.
+# Logical axes of each KV cache array [L, B, K, S, D]. A sharded caller passes the cache's sharding
+# (``Layout.sharding(CACHE_AXES)``) to the Decoder as ``cache_sharding``, a static module field;
+# None (one device) leaves the cache unconstrained.
 CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
-CACHE_SHARDING: contextvars.ContextVar = contextvars.ContextVar("cna_cache_sharding", default=None)
 
 
-def constrain_cache(x: jax.Array) -> jax.Array:
-    sharding = CACHE_SHARDING.get()
+def constrain_cache(x: jax.Array, sharding=None) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -49,9 +47,9 @@ class KVCache(NamedTuple):
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype, sharding=None) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
-        return cls(constrain_cache(jnp.zeros(shape, dtype)), constrain_cache(jnp.zeros(shape, dtype)))
+        return cls(constrain_cache(jnp.zeros(shape, dtype), sharding), constrain_cache(jnp.zeros(shape, dtype), sharding))
 
 
 class Intervention(NamedTuple):
@@ -140,6 +138,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    cache_sharding: Any = None  # NamedSharding of the stacked cache, or None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache, layer, cache_slot, prefix=None):
@@ -185,8 +184,10 @@ class Attention(nn.Module):
             # Update the stacked [L, B, K, S, D] arrays in place (no per-step copy of the whole cache).
             start = (layer, 0, 0, cache_slot, 0)
             cache = KVCache(
-                constrain_cache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)),
-                constrain_cache(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)))
+                constrain_cache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                                self.cache_sharding),
+                constrain_cache(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
+                                self.cache_sharding))
             k, v = cache.k[layer], cache.v[layer]
         elif prefix is not None:
             def lead(p):
@@ -239,12 +240,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    cache_sharding: Any = None
 
     @nn.compact
     def __call__(self, x, positions, mask, neuron_mult, cache, layer, cache_slot, prefix=None, ablate=None):
         """ablate: None or (direction [B, E], weight [B]): project the direction out of both block outputs."""
         eps = self.cfg.rms_norm_eps
-        attn, cache = Attention(self.cfg, self.dtype, name="self_attn")(
+        attn, cache = Attention(self.cfg, self.dtype, self.cache_sharding, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), positions, mask, cache, layer, cache_slot, prefix)
         if ablate is not None:
             attn = ablate_direction(attn, *ablate)
@@ -266,10 +268,13 @@ class Decoder(nn.Module):
 
     ``__call__(tokens [B, T], positions [B, T], attn_mask, neuron_mult [L, I] | None, cache, cache_slot,
     select [B, P] | None)``; see ``forward``-style wrappers in ``cna_jax.models`` for the common uses.
+    ``cache_sharding``: the NamedSharding every write of a stacked cache is constrained to (a sharded
+    caller's ``Layout.sharding(CACHE_AXES)``), or None.
     """
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    cache_sharding: Any = None
 
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
@@ -315,7 +320,7 @@ class Decoder(nn.Module):
             if return_residuals:
                 # Gathered here, as for the neurons below, so full [B, T, E] copies need not stay alive.
                 all_residuals.append(x if select is None else _take_positions(x, select))
-            x, cache, neurons = DecoderLayer(cfg, self.dtype, name=f"layers_{layer}")(
+            x, cache, neurons = DecoderLayer(cfg, self.dtype, self.cache_sharding, name=f"layers_{layer}")(
                 x, positions, attn_mask, mult, cache, layer, cache_slot, prefix, ablate)
             if return_neurons:
                 if select is None:
@@ -355,14 +360,10 @@ def prefix_cache(model: "Decoder", params, prefix_tokens: jax.Array, neuron_mult
     batch-split constraint, so it is traced unconstrained; the rows that continue from it carry the
     batch split of their own inputs."""
     q = prefix_tokens.shape[0]
-    token = CACHE_SHARDING.set(None)
-    try:
-        out = model.apply({"params": params}, prefix_tokens[None].astype(jnp.int32),
-                          jnp.arange(q, dtype=jnp.int32)[None], jnp.tril(jnp.ones((q, q), bool))[None],
-                          neuron_mult, cache=KVCache.zeros(model.cfg, 1, q, model.dtype), cache_slot=0,
-                          return_logits=False)
-    finally:
-        CACHE_SHARDING.reset(token)
+    out = Decoder(model.cfg, model.dtype).apply(  # unconstrained, whatever model.cache_sharding says
+        {"params": params}, prefix_tokens[None].astype(jnp.int32), jnp.arange(q, dtype=jnp.int32)[None],
+        jnp.tril(jnp.ones((q, q), bool))[None], neuron_mult, cache=KVCache.zeros(model.cfg, 1, q, model.dtype),
+        cache_slot=0, return_logits=False)
     return out.cache
 
 
