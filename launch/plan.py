@@ -2,9 +2,9 @@
 report per-device memory (parameters, KV cache, temporaries) from the compiled programs.
 
 Generation is the engine's (``cna_jax.engine.sharded_functions``): its slot state (the KV cache of every
-slot) is an argument that ``insert`` and ``decode`` update in place, so the program planned is whichever
-of the two peaks higher: the largest ``insert`` (the first fill: every slot at once, or as many rows as
-``engine.PREFILL_TOKENS`` allows at this prompt length) or a ``decode`` chunk.
+slot) stays resident and ``place`` and ``decode`` update it in place, so the program planned is whichever
+call peaks higher with everything alive beside it: a ``prefill`` (``engine.prefill_rows`` rows at this
+prompt length, into a staging buffer), ``place`` or a ``decode`` chunk.
 
     # the config's own mesh and target (Llama-3.1-70B: preset gpu-8x80, tensor=8 on 8 x 80 GB)
     python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --batch=64
@@ -13,6 +13,8 @@ of the two peaks higher: the largest ``insert`` (the first fill: every slot at o
     # any mesh / memory by hand
     python launch/plan.py --config=configs/pairs.py:qwen2_5_72b --config.mesh.data=1 --config.mesh.tensor=8 \
         --config.mesh.devices=8 --batch=64 --context=2048 --device_memory_gb=80
+    # seconds instead of minutes: compile 2- and 4-layer copies, extrapolate in depth
+    python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --probe
 
 The target is the config's: its mesh preset's devices and memory per device (``cna_jax.config.MESH_PRESETS``);
 without a preset, ``config.mesh.devices`` devices (-1: one) of ``--device_memory_gb``. The mesh is checked
@@ -51,6 +53,8 @@ flags.DEFINE_float("headroom", 0.10, "fraction of device memory to keep free")
 flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
 flags.DEFINE_string("compile_dtype", "auto", "dtype to compile in: auto (float32 for a bf16 model on CPU "
                     "devices: the CPU compiler keeps float32 copies of bf16 weights), model, or a dtype name")
+flags.DEFINE_bool("probe", False, "compile 2- and 4-layer copies and extrapolate in depth (seconds instead of "
+                  "minutes for 80 layers; see plan_program)")
 flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
 
 GB = 1e9
@@ -81,7 +85,7 @@ class ProgramPlan:
     platform: str
     compile_s: float
     compile_dtype: str = ""
-    call: str = ""  # generation: the engine call that peaks ("insert" or "decode")
+    call: str = ""  # generation: the engine call that peaks ("prefill", "place" or "decode")
 
     @property
     def budget(self) -> float:
@@ -134,8 +138,10 @@ def _devices(n: int):
 
 
 def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, params, chunk: int = 8):
-    """The engine's largest ``insert`` and a ``decode`` chunk on the layout, each as (name, ShardedFunction,
-    abstract arguments). No shared prefix: its cache is one row's."""
+    """The engine's calls on the layout, each as (name, ShardedFunction, abstract arguments, abstract
+    buffers alive during the call but not its arguments): the largest ``prefill`` (the slot state and the
+    previous staging buffer stay alive while it runs), ``place`` and a ``decode`` chunk (the staging
+    buffer stays alive). No shared prefix: its cache is one row's."""
     import functools
 
     import jax
@@ -146,24 +152,79 @@ def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, 
     sd = jax.ShapeDtypeStruct
     width = prompt + new_tokens
     fns = engine.sharded_functions(cfg, layout, dtype, slots, width, new_tokens, chunk)
-    p = engine.insert_sizes(slots, prompt)[-1]  # the largest prefill call
-    insert = fns.insert.at(p)
+    p = engine.prefill_rows(slots, prompt)
+    prefill, place = fns.prefill.at(p), fns.place.at(p, p)
     state_sh, table_sh = fns.decode.in_shardings[1], fns.decode.in_shardings[2]
-    shapes = jax.eval_shape(functools.partial(engine.empty_state_fn, cfg=cfg, dtype=dtype, slots=slots, width=width,
-                                              max_new_tokens=new_tokens))
-    state = jax.tree.map(lambda s, sh: sd(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+
+    def abstract(fn, shardings, **kw):
+        shapes = jax.eval_shape(functools.partial(fn, **kw))
+        return jax.tree.map(lambda s, sh: sd(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    state = abstract(engine.empty_state_fn, state_sh, cfg=cfg, dtype=dtype, slots=slots, width=width,
+                     max_new_tokens=new_tokens)
     table = tuple(sd(a.shape, a.dtype, sharding=sh)
                   for a, sh in zip(engine.stack_conditions(cfg, [engine.Condition()]), table_sh))
     eos = sd((1,), jnp.int32, sharding=layout.replicated())
     rows = tuple(sd(shape, dt, sharding=sh) for (shape, dt), sh in zip(
-        [((p, prompt), jnp.int32), ((p, prompt), jnp.bool_), ((p,), jnp.int32), ((p,), jnp.int32)],
-        insert.in_shardings[3:7]))
-    return [("insert", insert, (params, state, None, *rows, table, eos)),
-            ("decode", fns.decode, (params, state, table, eos))]
+        [((p, prompt), jnp.int32), ((p, prompt), jnp.bool_), ((p,), jnp.int32)], prefill.in_shardings[2:5]))
+    staged = jax.tree.map(lambda s, sh: sd(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(functools.partial(engine.prefill_fn, cfg=cfg, dtype=dtype, width=prompt,
+                                                           max_new_tokens=new_tokens),
+                                         params, None, *rows, table, eos), prefill.out_shardings)
+    idx = tuple(sd((p,), jnp.int32, sharding=sh) for sh in place.in_shardings[2:4])
+    return [("prefill", prefill, (params, None, *rows, table, eos), (state, staged)),
+            ("place", place, (state, staged, *idx), (params, table)),
+            ("decode", fns.decode, (params, state, table, eos), (staged,))]
+
+
+# Depths compiled when probing (``probe``): two shallow copies of the model; compiled sizes are
+# extrapolated linearly in depth from them. Below 4 layers XLA's buffer assignment is not yet linear.
+PROBE_DEPTHS = (4, 8)
+
+
+def _program_calls(cfg, layout, program: str, *, batch: int, context: int, new_tokens: int, cdtype, nodes: int):
+    """(params, [(call name, ShardedFunction, abstract args, abstract buffers alive beside it)]) of a program."""
+    import jax
+    import jax.numpy as jnp
+
+    from cna_jax import sharding as S
+    from cna_jax.collect import sharded_collect
+
+    sd = jax.ShapeDtypeStruct
+    params = S.abstract_sharded_params(cfg, layout, cdtype)
+    if program == "generation":
+        prompt = context - new_tokens
+        if prompt < 1:
+            raise ValueError(f"context={context} leaves no room for a prompt with new_tokens={new_tokens}")
+        return params, _engine_calls(cfg, layout, cdtype, batch, prompt, new_tokens, params)
+    if program == "collection":
+        b2 = layout.batch(2)
+        mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32,
+                  sharding=layout.sharding(("layers", "neurons")))
+        args = (params, sd((batch, context), jnp.int32, sharding=b2), sd((batch, context), jnp.bool_, sharding=b2),
+                sd((batch, 1), jnp.int32, sharding=b2), sd((batch, 1), jnp.bool_, sharding=b2), mult,
+                sd((nodes,), jnp.int32, sharding=layout.replicated()))
+        return params, [("", sharded_collect(cfg, layout, cdtype), args, ())]
+    raise ValueError(f"unknown program {program!r} (generation, collection)")
+
+
+def _compiled_sizes(calls, on_cpu: bool) -> list[dict]:
+    """Per call: the compiled program's argument, output, temporary and aliased bytes and compile seconds."""
+    import time
+
+    out = []
+    for _, fn, args, _ in calls:
+        t = time.perf_counter()
+        ma = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None).memory_analysis()
+        out.append(dict(arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
+                        temporaries=int(ma.temp_size_in_bytes), aliased=int(ma.alias_size_in_bytes),
+                        compile_s=time.perf_counter() - t))
+    return out
 
 
 def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tokens: int, dtype,
-                 device_memory: float, headroom: float, nodes: int = 1000, compile_dtype=None) -> ProgramPlan:
+                 device_memory: float, headroom: float, nodes: int = 1000, compile_dtype=None,
+                 probe: bool = False) -> ProgramPlan:
     """AOT-compiles one program (``generation``: the engine's calls, or ``collection``) for the layout;
     no weights needed.
 
@@ -172,62 +233,58 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     compiles in that dtype instead: the CPU compiler upcasts bf16 matrix products and keeps float32
     copies of the weights, which hardware with native bf16 dots never makes, so temporaries of a float32
     compile are an upper bound for the bf16 program's.
-    """
-    import time
 
+    ``probe``: compile copies of the model at :data:`PROBE_DEPTHS` layers instead of all of them (the
+    layers are unrolled, so an 80-layer program takes minutes to compile on a CPU) and extrapolate the
+    compiled sizes linearly in depth (every layer is the same program on the same shapes). Parameters and
+    cache stay exact. tests/test_plan.py checks it against full compiles at 12 and 16 layers: the
+    engine's calls are linear in depth (within 2%); collection's temporaries grow linearly up to ~8
+    layers and then drop (XLA reuses buffers across layers), so for collection the probe is an upper bound.
+    """
     import jax
     import jax.numpy as jnp
 
     from cna_jax import sharding as S
-    from cna_jax.collect import sharded_collect
 
     dtype = jnp.dtype(dtype)
     cdtype = jnp.dtype(compile_dtype or dtype)
-    sd = jax.ShapeDtypeStruct
-    params = S.abstract_sharded_params(cfg, layout, cdtype)
+    kw = dict(batch=batch, context=context, new_tokens=new_tokens, cdtype=cdtype, nodes=nodes)
+    params, calls = _program_calls(cfg, layout, program, **kw)
     if program == "generation":
-        prompt = context - new_tokens
-        if prompt < 1:
-            raise ValueError(f"context={context} leaves no room for a prompt with new_tokens={new_tokens}")
-        calls = _engine_calls(cfg, layout, cdtype, batch, prompt, new_tokens, params)
         cache = S.cache_bytes_per_device(cfg, layout, batch, context, dtype)
         compiled_cache = S.cache_bytes_per_device(cfg, layout, batch, context, cdtype)
-    elif program == "collection":
-        b2 = layout.batch(2)
-        mult = sd((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32,
-                  sharding=layout.sharding(("layers", "neurons")))
-        args = (params, sd((batch, context), jnp.int32, sharding=b2), sd((batch, context), jnp.bool_, sharding=b2),
-                sd((batch, 1), jnp.int32, sharding=b2), sd((batch, 1), jnp.bool_, sharding=b2), mult,
-                sd((nodes,), jnp.int32, sharding=layout.replicated()))
-        calls = [("", sharded_collect(cfg, layout, cdtype), args)]
-        cache = compiled_cache = 0
     else:
-        raise ValueError(f"unknown program {program!r} (generation, collection)")
+        cache = compiled_cache = 0
 
     def nbytes(tree, dt=None):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dt or x.dtype).itemsize
                    for x in jax.tree.leaves(tree))
 
     on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
+    depth = cfg.num_hidden_layers
+    if probe and depth > PROBE_DEPTHS[-1]:
+        (d1, d2) = PROBE_DEPTHS
+        low, high = (_compiled_sizes(_program_calls(dataclasses.replace(cfg, num_hidden_layers=d), layout, program,
+                                                    **kw)[1], on_cpu) for d in PROBE_DEPTHS)
+        sizes = [{k: (a[k] + (b[k] - a[k]) * (depth - d1) / (d2 - d1) if k != "compile_s" else a[k] + b[k])
+                  for k in a} for a, b in zip(low, high)]
+    else:
+        sizes = _compiled_sizes(calls, on_cpu)
     param_bytes = nbytes(params, dtype)
     plans = []
-    for call, fn, args in calls:
-        t = time.perf_counter()
-        compiled = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None)
-        compile_s = time.perf_counter() - t
-        ma = compiled.memory_analysis()
+    for (call, _, args, alive), m in zip(calls, sizes):
         # All parameters stay resident even where a program reads only some (collection skips lm_head, and
-        # XLA drops unused arguments), so the total counts them all plus the other inputs; the engine's
-        # state (the KV cache) at the model's dtype, whatever the compile's.
-        inputs = param_bytes + nbytes(args[1:]) - compiled_cache + cache
-        arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
-        temps, aliased = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+        # XLA drops unused arguments), so the total counts them all plus the other inputs and the buffers
+        # alive during the call; the engine's state (the KV cache) at the model's dtype, whatever the compile's.
+        inputs = (param_bytes + nbytes([a for a in (*args, *alive) if a is not params]) - compiled_cache + cache)
+        arguments, outputs, temps, aliased = (int(round(m[k])) for k in ("arguments", "outputs", "temporaries",
+                                                                          "aliased"))
         plans.append(ProgramPlan(
             program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
             kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
             arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
             total=inputs + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
-            platform=layout.mesh.devices.flat[0].platform, compile_s=compile_s, compile_dtype=cdtype.name,
+            platform=layout.mesh.devices.flat[0].platform, compile_s=m["compile_s"], compile_dtype=cdtype.name,
             call=call))
     peak = max(plans, key=lambda r: r.total)
     return dataclasses.replace(peak, compile_s=sum(r.compile_s for r in plans))
@@ -236,7 +293,7 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
 def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=None, batch: int = 64,
          context: int = 2048, new_tokens: int = 150, dtype=None, device_memory_gb: float = 80.0,
          headroom: float = 0.10, programs=("generation", "collection"), nodes: int = 1000,
-         devices=None, compile_dtype="auto") -> list[ProgramPlan]:
+         devices=None, compile_dtype="auto", probe: bool = False) -> list[ProgramPlan]:
     """Plans each program on one mesh. Generation uses ``rules``; collection uses the ``collection``
     preset unless ``rules`` is ``fsdp`` (then fsdp). Raises ``ShardingError`` for layouts that don't divide.
     ``compile_dtype="auto"``: float32 when compiling a bf16/fp16 model for CPU devices (see
@@ -257,7 +314,7 @@ def plan(cfg, mesh_shape: Sequence[int], rules: str = "generation", *, kv_heads=
         layout = S.make_layout(cfg, mesh, preset, kv_heads=kv_heads, batch=batch)
         out.append(plan_program(cfg, layout, program, batch=batch, context=context, new_tokens=new_tokens,
                                 dtype=dtype, device_memory=device_memory_gb * GB, headroom=headroom, nodes=nodes,
-                                compile_dtype=compile_dtype))
+                                compile_dtype=compile_dtype, probe=probe))
     return out
 
 
@@ -274,7 +331,7 @@ def target(study) -> tuple[dict, int, float]:
 
 def plan_config(study, *, batches: Sequence[int] = (), context: int = 2048, new_tokens: int = -1,
                 device_memory_gb: float = -1.0, headroom: float = 0.10, programs=("generation", "collection"),
-                nodes: int = 1000, compile_dtype="auto", log=print) -> list[ProgramPlan]:
+                nodes: int = 1000, compile_dtype="auto", probe: bool = False, log=print) -> list[ProgramPlan]:
     """Plans a study config on its own target (:func:`target`): validates it against the target's device
     count (mesh sizes, divisibility, with the numbers in the error), then plans each batch of ``batches``
     (default: config.generation.batch_size), largest first, stopping at the first where every program fits."""
@@ -292,7 +349,7 @@ def plan_config(study, *, batches: Sequence[int] = (), context: int = 2048, new_
     for b in sorted(batches or [int(study.generation.batch_size)], reverse=True):
         res = plan(cfg, sizes, mesh["rules"], kv_heads=mesh["kv_heads"], batch=b, context=context,
                    new_tokens=new_tokens, dtype=jnp.dtype(study.model.dtype), device_memory_gb=memory,
-                   headroom=headroom, programs=programs, nodes=nodes, compile_dtype=compile_dtype)
+                   headroom=headroom, programs=programs, nodes=nodes, compile_dtype=compile_dtype, probe=probe)
         for r in res:
             log(r.row())
         results.extend(res)
@@ -339,7 +396,8 @@ def main(argv):
     print(HEADER)
     results = plan_config(study, batches=batches, context=FLAGS.context, new_tokens=new_tokens,
                           device_memory_gb=FLAGS.device_memory_gb, headroom=FLAGS.headroom,
-                          programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype)
+                          programs=FLAGS.programs, nodes=FLAGS.nodes, compile_dtype=compile_dtype,
+                          probe=FLAGS.probe)
     platform = results[0].platform if results else "?"
     note = ""
     if platform == "cpu":
