@@ -48,21 +48,13 @@ def _constant_mask(sd, absmax):
 # Settings
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class GraphSettings:
-    """Validated, hashable settings for the whole pipeline (static under jit)."""
+class GraphSettings(lasso.LassoSettings):
+    """Validated, hashable settings for the whole pipeline (static under jit): the solver's
+    (:class:`cna_jax.lasso.LassoSettings`, inherited) and the pipeline's own."""
 
     q: float = 0.05
     k_candidates: int = 50
     prescreen: bool = True
-    n_lambdas: int = 30
-    lambda_min_ratio: float = 0.01
-    criterion: str = "ebic"
-    ebic_gamma: float = 0.5
-    cv_folds: int = 5
-    fixed_lambda: float = 0.1
-    merge: str = "and"
-    tol: float = 1e-4
-    max_iter: int = 1000
     n_resamples: int = 30
     subsample_fraction: float = 0.5
     freq_threshold: float = 0.6
@@ -75,7 +67,7 @@ class GraphSettings:
     progress: bool = True
 
     def __post_init__(self):
-        lasso.LassoSettings(**self.lasso_kwargs())  # validates the solver fields
+        super().__post_init__()  # the solver fields
         if not 0.0 < self.q < 1.0:
             raise ValueError(f"q must be in (0, 1), got {self.q}")
         if self.k_candidates < 1:
@@ -96,6 +88,8 @@ class GraphSettings:
             raise ValueError("criterion='cv' needs prescreen=True (the dense solver selects on the fly)")
 
     def lasso_kwargs(self):
+        """The solver's fields alone (a plain LassoSettings keeps the solver's compiled code shared
+        between pipelines that differ only in other fields)."""
         names = [f.name for f in dataclasses.fields(lasso.LassoSettings)]
         return {k: getattr(self, k) for k in names}
 

@@ -13,7 +13,7 @@ prompt length, into a staging buffer), ``place`` or a ``decode`` chunk.
     # any mesh / memory by hand
     python launch/plan.py --config=configs/pairs.py:qwen2_5_72b --config.mesh.data=1 --config.mesh.tensor=8 \
         --config.mesh.devices=8 --batch=64 --context=2048 --device_memory_gb=80
-    # seconds instead of minutes: compile 2- and 4-layer copies, extrapolate in depth
+    # faster: the engine's calls from 4- and 8-layer copies, extrapolated in depth
     python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --probe
 
 The target is the config's: its mesh preset's devices and memory per device (``cna_jax.config.MESH_PRESETS``);
@@ -53,8 +53,8 @@ flags.DEFINE_float("headroom", 0.10, "fraction of device memory to keep free")
 flags.DEFINE_list("programs", ["generation", "collection"], "programs to compile")
 flags.DEFINE_string("compile_dtype", "auto", "dtype to compile in: auto (float32 for a bf16 model on CPU "
                     "devices: the CPU compiler keeps float32 copies of bf16 weights), model, or a dtype name")
-flags.DEFINE_bool("probe", False, "compile 2- and 4-layer copies and extrapolate in depth (seconds instead of "
-                  "minutes for 80 layers; see plan_program)")
+flags.DEFINE_bool("probe", False, "generation: compile 4- and 8-layer copies and extrapolate in depth (seconds "
+                  "instead of minutes for 80 layers; see plan_program)")
 flags.DEFINE_string("json_out", "", "write the results as JSON here (process 0 only)")
 
 GB = 1e9
@@ -234,12 +234,12 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     copies of the weights, which hardware with native bf16 dots never makes, so temporaries of a float32
     compile are an upper bound for the bf16 program's.
 
-    ``probe``: compile copies of the model at :data:`PROBE_DEPTHS` layers instead of all of them (the
-    layers are unrolled, so an 80-layer program takes minutes to compile on a CPU) and extrapolate the
-    compiled sizes linearly in depth (every layer is the same program on the same shapes). Parameters and
-    cache stay exact. tests/test_plan.py checks it against full compiles at 12 and 16 layers: the
-    engine's calls are linear in depth (within 2%); collection's temporaries grow linearly up to ~8
-    layers and then drop (XLA reuses buffers across layers), so for collection the probe is an upper bound.
+    ``probe`` (generation only): compile copies of the model at :data:`PROBE_DEPTHS` layers instead of all
+    of them (the layers are unrolled, so the engine's 80-layer calls take minutes to compile on a CPU) and
+    extrapolate the compiled sizes linearly in depth (every layer is the same program on the same shapes).
+    Parameters and cache stay exact. tests/test_plan.py checks it against full compiles at 12 and 16
+    layers (within 2%). Collection is always compiled in full: its temporaries are not linear in depth
+    (they grow up to ~8 layers, then XLA reuses the buffers across layers and they drop).
     """
     import jax
     import jax.numpy as jnp
@@ -262,7 +262,7 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
 
     on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
     depth = cfg.num_hidden_layers
-    if probe and depth > PROBE_DEPTHS[-1]:
+    if probe and program == "generation" and depth > PROBE_DEPTHS[-1]:
         (d1, d2) = PROBE_DEPTHS
         low, high = (_compiled_sizes(_program_calls(dataclasses.replace(cfg, num_hidden_layers=d), layout, program,
                                                     **kw)[1], on_cpu) for d in PROBE_DEPTHS)

@@ -163,17 +163,14 @@ def test_plan_cli_rejects_a_mesh_that_does_not_divide_the_model(tmp_path):
 @pytest.mark.parametrize("depth", [12, 16])
 def test_depth_probe_against_full_compiles(depth):
     """The depth probe (4- and 8-layer compiles, extrapolated) against full compiles of the same model
-    at ``depth`` layers, both programs, on a (2, 1, 4) mesh: the engine's calls equal within 2% of the
-    total; collection is an upper bound (XLA reuses its temporaries across layers beyond ~8 layers)."""
+    at ``depth`` layers on a (2, 1, 4) mesh: the engine's calls within 2% of the total (collection is
+    never probed: its temporaries are not linear in depth)."""
     cfg = from_hf_dict(dict(SHAPE, num_hidden_layers=depth))
     kw = dict(batch=8, context=96, new_tokens=32, dtype=jnp.bfloat16, device_memory_gb=1.0, headroom=0.1, nodes=16)
-    full = planner.plan(cfg, (2, 1, 4), "generation", **kw)
-    probed = planner.plan(cfg, (2, 1, 4), "generation", probe=True, **kw)
+    full = planner.plan(cfg, (2, 1, 4), "generation", programs=("generation",), **kw)
+    probed = planner.plan(cfg, (2, 1, 4), "generation", programs=("generation",), probe=True, **kw)
     for f, p in zip(full, probed):
         assert (f.program, f.call, f.params, f.kv_cache) == (p.program, p.call, p.params, p.kv_cache)
-        if f.program == "collection":
-            assert p.total >= f.total and p.temporaries >= f.temporaries, (f, p)
-            continue
         # Compiled sizes are buffer assignments, not formulas: allow 2% of the total.
         for field in ("arguments", "outputs", "temporaries", "aliased", "total"):
             assert abs(getattr(f, field) - getattr(p, field)) <= 0.02 * f.total, (f.program, field, f, p)
@@ -181,9 +178,9 @@ def test_depth_probe_against_full_compiles(depth):
 
 def test_every_config_fits_its_default_target():
     """Every config in configs/ (each row of configs/pairs.py, the testbed) planned by plan.py on its
-    own mesh and target at its own batch size, 2k context: abstract shapes, no weights, with the depth
-    probe (``plan_program(probe=True)``, checked above against full compiles; unrolling 80 layers takes
-    minutes per program). Two worker processes share the configs, largest first."""
+    own mesh and target at its own batch size, 2k context: abstract shapes, no weights; generation with the
+    depth probe (``plan_program(probe=True)``, checked above against full compiles; unrolling 80 layers
+    takes minutes per call), collection in full. Two worker processes share the configs, largest first."""
     import concurrent.futures
     import functools
     import multiprocessing
