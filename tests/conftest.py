@@ -1,6 +1,5 @@
 """Test set-up: 8 simulated CPU devices (for mesh tests) before JAX starts; fp32 matmuls; under pytest-xdist
-(the README runs ``-n 3 --dist loadfile``: three workers on two cores, since a worker compiling runs one
-thread and two workers left the cores ~35% idle), the slowest test files first."""
+(the README runs ``-n 2 --dist loadfile``; three workers were slower on two cores), the slowest test files first."""
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # added to any flags given
