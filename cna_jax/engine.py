@@ -349,7 +349,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
     prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh), rep, cached)
     prefills: dict[int, ShardedFunction] = {}
-    places: dict[int, ShardedFunction] = {}
+    places: dict[int, ShardedFunction] = {}  # by P: place always takes P (src, slot) pairs
 
     def prefill_at(p):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
         if p not in prefills:
@@ -358,18 +358,18 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                                           dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, **cached))
         return prefills[p]
 
-    def place_at(p, m):  # P staged rows, M placements
-        if (p, m) not in places:
-            idx = b1 if split(m) else rep
-            places[(p, m)] = ShardedFunction(place_fn, layout, (state_sh, staged_sh(p), idx, idx), state_sh, {},
-                                             donate=(0,))
-        return places[(p, m)]
+    def place_at(p):  # P staged rows, P (src, slot) pairs (unused pairs drop)
+        if p not in places:
+            idx = b1 if split(p) else rep
+            places[p] = ShardedFunction(place_fn, layout, (state_sh, staged_sh(p), idx, idx), state_sh, {},
+                                        donate=(0,))
+        return places[p]
 
     def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids):
         return prefill_at(tokens.shape[0])(params, prefix_kv, tokens, valid, cond, table, eos_ids)
 
     def place(state, staged, src, slot_idx):
-        return place_at(staged.tok.shape[0], src.shape[0])(state, staged, src, slot_idx)
+        return place_at(src.shape[0])(state, staged, src, slot_idx)
 
     prefill.at, place.at = prefill_at, place_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,

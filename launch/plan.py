@@ -153,7 +153,7 @@ def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, 
     width = prompt + new_tokens
     fns = engine.sharded_functions(cfg, layout, dtype, slots, width, new_tokens, chunk)
     p = engine.prefill_rows(slots, prompt)
-    prefill, place = fns.prefill.at(p), fns.place.at(p, p)
+    prefill, place = fns.prefill.at(p), fns.place.at(p)
     state_sh, table_sh = fns.decode.in_shardings[1], fns.decode.in_shardings[2]
 
     def abstract(fn, shardings, **kw):
