@@ -88,6 +88,18 @@ def _soft(z, lam):
     return jnp.sign(z) * jnp.maximum(jnp.abs(z) - lam, 0.0)
 
 
+def _sweep_until(sweep, gap_of, lam, state, stop, max_iter):
+    """Cyclic coordinate-descent sweeps until the largest relative duality gap is at most ``stop`` or
+    ``max_iter`` sweeps are spent. state: (b, g, sweeps so far, current largest gap); sweep(lam, b, g) ->
+    (b, g); gap_of(b, g, lam) -> (relative gaps, rss). Returns the final state."""
+    def body(st):
+        b, g, it, _ = st
+        b, g = sweep(lam, b, g)
+        return b, g, it + 1, jnp.max(gap_of(b, g, lam)[0])
+
+    return lax.while_loop(lambda st: (st[2] < max_iter) & (st[3] > stop), body, state)
+
+
 def gather_candidates(gram, cand, cand_mask, targets):
     """Sub-problems for candidate sets.
 
@@ -174,24 +186,17 @@ def _path_chunk(sub_gram, xty, yty, mask, lambdas, tol, max_iter):
         b = jnp.where(jnp.sign(b) == jnp.sign(b1), b, 0.0) * maskf
         r = exact_grad(b)
 
-        def unconverged(st):
-            return (st[2] < max_iter) & (st[3] > stop)
-
-        def sweeps(st):
-            b, r, it, _ = st
-            b, r = sweep(lam, b, r)
-            return b, r, it + 1, jnp.max(gap_of(b, r, lam)[0])
-
         def confirmed(st):
             # Sweep on the running gradient until its gap says converged, then decide on an exact
             # gradient (the running one drifts by rounding); two loops keep a per-sweep cond out.
-            b, r, it, _ = lax.while_loop(unconverged, sweeps, st[:3] + (jnp.asarray(jnp.inf, dtype),))
+            b, r, it, _ = _sweep_until(sweep, gap_of, lam, st[:3] + (jnp.asarray(jnp.inf, dtype),), stop, max_iter)
             r = exact_grad(b)
             rel, rss = gap_of(b, r, lam)
             return b, r, it, jnp.max(rel), rel, rss
 
         rel, rss = gap_of(b, r, lam)  # 0 sweeps where the start already meets tol (λ_max, padding)
-        b, r, it, _, rel, rss = lax.while_loop(unconverged, confirmed, (b, r, jnp.int32(0), jnp.max(rel), rel, rss))
+        b, r, it, _, rel, rss = lax.while_loop(lambda st: (st[2] < max_iter) & (st[3] > stop), confirmed,
+                                               (b, r, jnp.int32(0), jnp.max(rel), rel, rss))
         out = (b.T, rel, it, rss, jnp.sum(b != 0, axis=0).astype(jnp.int32))
         return (b, b1, lam, lam1), out
 
@@ -349,15 +354,8 @@ def lasso_path_dense(
     def solve(carry, lam):
         b, g, best, best_crit = carry
 
-        def cond(st):
-            return (st[2] < max_iter) & (st[3] > tol)
-
-        def body(st):
-            b, g, it, _ = st
-            b, g = sweep(lam, b, g)
-            return b, g, it + 1, jnp.max(gap_of(b, g, lam)[0])
-
-        b, g, it, _ = lax.while_loop(cond, body, (b, g, jnp.int32(0), jnp.max(gap_of(b, g, lam)[0])))
+        b, g, it, _ = _sweep_until(sweep, gap_of, lam, (b, g, jnp.int32(0), jnp.max(gap_of(b, g, lam)[0])), tol,
+                                   max_iter)
         rel, rss = gap_of(b, g, lam)
         df = jnp.sum(b != 0, axis=0).astype(jnp.int32)
         if select == "fixed":

