@@ -8,8 +8,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch (OpenMP/MKL) thread per core and xdist worker: OpenMP's spinning barriers oversubscribed by two
 # workers, each also running XLA's threads, made HF's small matmuls ~5x slower (measured: a [6, 576] x
 # [576, 1536] linear took 2.6 ms at 2 threads vs 0.54 ms at 1 while another process used both cores).
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+# Set in each worker (xdist sets its variables before conftest loads), overriding what the controller's
+# environment passed down; subprocesses (notebook kernels, launched studies) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
