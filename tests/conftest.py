@@ -5,14 +5,6 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # added to any flags given
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One torch (OpenMP/MKL) thread per core and xdist worker: OpenMP's spinning barriers oversubscribed by two
-# workers, each also running XLA's threads, made HF's small matmuls ~5x slower (measured: a [6, 576] x
-# [576, 1536] linear took 2.6 ms at 2 threads vs 0.54 ms at 1 while another process used both cores).
-# Set in each worker (xdist sets its variables before conftest loads), overriding what the controller's
-# environment passed down; subprocesses (notebook kernels, launched studies) inherit it.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -90,6 +82,14 @@ SLOW_FILES = ("test_generate.py", "test_steering.py", "test_engine.py", "test_st
 
 
 def pytest_configure(config):
+    if _os.environ.get("PYTEST_XDIST_WORKER"):
+        # One torch (OpenMP/MKL) thread per core and worker, in the worker process only: OpenMP's spinning
+        # barriers oversubscribed by two workers, each also running XLA's threads, made HF's small matmuls ~5x
+        # slower (a [6, 576] x [576, 1536] linear: 2.6 ms at 2 threads vs 0.54 ms at 1 with both cores busy).
+        # Not through OMP_NUM_THREADS: subprocesses (notebook kernels, launched studies) keep their defaults.
+        import torch
+
+        torch.set_num_threads(max(1, (_os.cpu_count() or 1) // int(_os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     if getattr(config.option, "dist", "no") in ("loadfile", "loadscope"):
         config.option.loadscopereorder = False  # xdist's default hands out the files with the most tests first
 
