@@ -151,8 +151,10 @@ def _check(lm, hf, ids, conditions, *, n, eos, pad, slots):
     prefix, suffixes, q = split_shared_prefix(ids)
     assert q > 0  # the prefix path is exercised
     rows = [(list(suffixes[i % len(ids)]), c) for i, c in zip(order, rows_c)]
+    # length_multiple=32: the suffixes (2-21 tokens) share one prefill length bucket, so SmolLM2's 30 unrolled
+    # layers compile one prefill (several buckets: tests/test_engine.py on a tiny model).
     got = engine.run(lm, rows, conditions, max_new_tokens=n, slots=slots, chunk=4, eos_ids=eos, pad_id=pad,
-                     prefix=None if prefix is None else np.asarray(prefix).tolist())
+                     prefix=None if prefix is None else np.asarray(prefix).tolist(), length_multiple=32)
     want = [_hf_generate(hf, cond, ids, n, eos, pad) for cond in conditions]
     for i, (c, out) in enumerate(zip(rows_c, got)):
         assert out == want[c][order[i] % len(ids)], (c, order[i] % len(ids))
@@ -213,7 +215,10 @@ def test_smollm2_steering_matches_hf_hooks(smollm2_lm, smollm2_hf):
                   engine.Condition(direction=diff[12], add={12: norm[12]}),  # move toward the harmful mean
                   engine.Condition(direction=diff[20], ablate=True, add={20: -norm[20], 25: 0.5 * norm[20]})]
     ids = lm.encode(list(harmful[8:11]) + PROMPTS[:3])
-    _check(lm, hf, ids, conditions, n=16, eos=list(lm.eos_ids()), pad=lm.pad_id(), slots=8)
+    n = 16
+    want = _check(lm, hf, ids, conditions, n=n, eos=list(lm.eos_ids()), pad=lm.pad_id(), slots=8)
+    lengths = [len(row) for rows in want for row in rows]  # = ours, compared token for token in _check
+    assert min(lengths) < n == max(lengths)  # rows end at different steps (30 rows through 8 slots)
 
 
 def test_smollm2_refusal_directions_match_hf_hidden_states(smollm2_lm, smollm2_hf):

@@ -51,14 +51,23 @@ def _numbers(results):
     return json.loads(json.dumps(r, default=str))
 
 
-def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
+@pytest.fixture(scope="module")
+def single_study(tiny_pair, tmp_path_factory):
+    """The tiny study run once on one device: (config, workdir, results, the stages it ran); the end-to-end
+    test checks it and the sharded test compares the mesh's run with it."""
     c = tiny_config(tiny_pair)
     ran = []
-    full = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
+    workdir = tmp_path_factory.mktemp("study") / "full"
+    results = Study(c, str(workdir), progress=False, on_stage=ran.append).run()
+    return c, workdir, results, ran
+
+
+def test_study_end_to_end_reuse_and_resume(single_study, tmp_path):
+    c, workdir, full, ran = single_study
     assert ran == ["cna", "acts-instruct", "acts-base", "graph-contrast_instruct", "graph-harmful_instruct",
                    "graph-contrast_base", "direction", "generation", "damage", "sweeps"]
     # Every table cell is filled from computed results.
-    report = open(tmp_path / "full" / "report" / "report.md").read()
+    report = open(workdir / "report" / "report.md").read()
     from cna_jax.report import tables
     for name, (header, rows) in tables([full]).items():
         assert rows and all(len(r) == len(header) for r in rows), name
@@ -68,11 +77,11 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
                 assert cell in report
     assert full["cna_neurons"] == 24
     assert set(full["refusal"]) >= {"harmful/none", "harmful/cna", "harmful/contrast_graph", "harmful/harmful_graph"}
-    assert len(json.load(open(tmp_path / "full" / "stages" / [d for d in os.listdir(tmp_path / "full" / "stages")
+    assert len(json.load(open(workdir / "stages" / [d for d in os.listdir(workdir / "stages")
                                                                if d.startswith("generation")][0] / "meta.json"))["nulls"]) == 6
     # The report notebook redraws the tables and figures from the report folder alone.
     from test_notebooks import outputs, run_notebook
-    nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": str(tmp_path / "full" / "report"), "TMPDIR": str(tmp_path)})
+    nb = run_notebook("report.ipynb", {"CNA_REPORT_DIR": str(workdir / "report"), "TMPDIR": str(tmp_path)})
     assert "CNA # of Neurons" in outputs(nb) and os.path.getsize(tmp_path / "cna_redraw" / "graphs.png") > 5000
     # The baselines and sweeps (docs/METHOD.md §4): the direction layer among the middle 20-80% (layers
     # 1-3 of 4), every condition's KLs, no intervention's exactly 0, and every sweep point.
@@ -95,21 +104,21 @@ def test_study_end_to_end_reuse_and_resume(tiny_pair, tmp_path):
     kl_m = {x["value"]: x["kl_first"] for x in full["sweeps"] if x["sweep"] == "multiplier"}
     assert kl_m[-1.0] > kl_m[0.5] and kl_m[-1.0] > kl_m[1.5]
     for fig in ("graphs.png", "refusal.png", "nulls.png", "sweeps.png"):
-        assert os.path.getsize(tmp_path / "full" / "report" / fig) > 5000
+        assert os.path.getsize(workdir / "report" / fig) > 5000
     for name in ("table_a_refusal.csv", "table_b_edges.csv", "table_c_harmful_only.csv", "table_d_nulls.csv",
                  "table_e_baselines.csv", "table_f_sweeps.csv", "results.json"):
-        assert os.path.exists(tmp_path / "full" / "report" / name)
-    assert NeuronSet.load(str(tmp_path / "full" / "report" / "neuron_set.json")).pairs()
-    assert os.path.exists(tmp_path / "full" / "report" / "graph_contrast_base.graphml")
+        assert os.path.exists(workdir / "report" / name)
+    assert NeuronSet.load(str(workdir / "report" / "neuron_set.json")).pairs()
+    assert os.path.exists(workdir / "report" / "graph_contrast_base.graphml")
 
     # A second run reuses every stage.
     ran.clear()
-    again = Study(c, str(tmp_path / "full"), progress=False, on_stage=ran.append).run()
+    again = Study(c, str(workdir), progress=False, on_stage=ran.append).run()
     assert ran == [] and _numbers(again) == _numbers(full)
 
     # The multi-model driver: a row per model in one combined report (both rows reuse this workdir).
     from cna_jax.study import run_many
-    results, combined = run_many([("full", c), ("full", c)], str(tmp_path), progress=False)
+    results, combined = run_many([("full", c), ("full", c)], str(workdir.parent), progress=False)
     text = open(combined).read()
     assert [_numbers(r) for r in results] == [_numbers(full)] * 2
     # tables a, b, c: one row each; d: two per model; e: six conditions; f: thirteen sweep points
@@ -212,12 +221,11 @@ def test_null_subsets_layer_matched_and_disjoint():
         [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)]
 
 
-def test_sharded_study_equals_single_device(tiny_pair, tmp_path):
+def test_sharded_study_equals_single_device(single_study, tmp_path):
     """The stages that touch the model (CNA, activations, refusal) on a (4, 1, 2) mesh of the 8 simulated
     devices give the single-device results."""
-    c = tiny_config(tiny_pair)
-    c.nulls.n_layer_matched = c.nulls.n_uniform = 1
-    single = Study(c, str(tmp_path / "one"), progress=False).run()
+    c, _, single, _ = single_study
+    c = copy.deepcopy(c)
     c.mesh.devices, c.mesh.data, c.mesh.tensor = -1, 4, 2
     study = Study(c, str(tmp_path / "mesh"), progress=False)
     sharded = study.run()
