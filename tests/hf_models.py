@@ -36,6 +36,17 @@ def save_tiny(tmpdir, kind="llama", seed=0, max_shard_size=None, **overrides):
     return path, model
 
 
+def save_tiny_chat(tmpdir, kind="llama", seed=0, **overrides):
+    """:func:`save_tiny` with SmolLM2's tokenizer and chat template saved beside the weights (a model
+    ``LM.load`` reads as a chat model); ``vocab_size`` defaults to the tokenizer's 49,152."""
+    from cna_jax.lm import load_tokenizer
+
+    overrides.setdefault("vocab_size", 49152)
+    path, model = save_tiny(tmpdir, kind, seed=seed, **overrides)
+    load_tokenizer("smollm2").save_pretrained(path)
+    return path, model
+
+
 def left_padded_batch(rng: np.random.Generator, vocab: int, lengths, total: int):
     """Token ids and a validity mask, left-padded to ``total``."""
     b = len(lengths)

@@ -9,7 +9,7 @@ from cna_jax.generate import generate
 from cna_jax.batching import bucket, left_pad
 from cna_jax.lm import LM
 from cna_jax.neurons import multiplier
-from hf_models import save_tiny
+from hf_models import save_tiny, save_tiny_chat
 
 PROMPTS = [
     "What is the capital of France?",
@@ -91,16 +91,15 @@ def test_smollm2_masked_greedy_matches_hf_with_zeroed_columns(smollm2_lm, smollm
     prompts = PROMPTS[:8]
     tokens, valid = _smollm2_batch(lm, prompts)
     eos = np.asarray(lm.eos_ids())
-    kw = SMOLLM2_KW
-    plain = generate(lm, prompts, None, share_prefix=False, **kw).tokens
-    out = generate(lm, prompts, mult, share_prefix=False, **kw).tokens
+    plain = generate(lm, prompts, None, share_prefix=False, **SMOLLM2_KW).tokens
+    out = generate(lm, prompts, mult, share_prefix=False, **SMOLLM2_KW).tokens
     assert plain != out
     import copy
     hf = copy.deepcopy(smollm2_hf)
     with torch.no_grad():
         for layer, i in pairs:
             hf.model.layers[layer].mlp.down_proj.weight[:, i] = 0.0
-    ref = _hf_generate(hf, tokens, valid, tuple(eos.tolist()), lm.pad_id(), kw["max_new_tokens"])
+    ref = _hf_generate(hf, tokens, valid, tuple(eos.tolist()), lm.pad_id(), SMOLLM2_KW["max_new_tokens"])
     _compare(out, ref, tuple(eos.tolist()))
     # The shared-prefix path (the chat header once per condition, under that condition's intervention) on
     # SmolLM2 against HF: tests/test_steering.py, with neuron multipliers and steering in one job.
@@ -142,10 +141,7 @@ def test_generate_stops_at_eos_and_keeps_order(tmp_path):
 def tiny_chat_lm(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer and chat template: the public API's bookkeeping (chat
     formatting, shared prefix, sorting, slots, order restored) at a fraction of SmolLM2's compile time."""
-    from cna_jax.lm import load_tokenizer
-
-    path, _ = save_tiny(tmp_path_factory.mktemp("chat"), "llama", vocab_size=49152)
-    load_tokenizer("smollm2").save_pretrained(path)
+    path, _ = save_tiny_chat(tmp_path_factory.mktemp("chat"))
     return LM.load(path)
 
 

@@ -20,7 +20,7 @@ from cna_jax import checkpoint, convert, data
 from cna_jax import sharding as S
 from cna_jax.lm import LM, load_tokenizer, smollm2_gguf_path
 from cna_jax.models import forward
-from hf_models import hf_logits, left_padded_batch, save_tiny
+from hf_models import hf_logits, left_padded_batch, save_tiny, save_tiny_chat
 
 
 def _leaves_equal(a, b):
@@ -102,11 +102,10 @@ def test_offline_default_runs_without_torch(smollm2_hf, tokenizers_pair):
 # The converted-copy cache
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizers_pair):
+def tiny(tmp_path_factory):
     """A tiny random Llama (8 heads, 4 KV heads; safetensors in 3 shards) with SmolLM2's tokenizer."""
-    path, model = save_tiny(tmp_path_factory.mktemp("src"), "llama", num_attention_heads=8, num_key_value_heads=4,
-                            max_shard_size="60KB")
-    tokenizers_pair[0].save_pretrained(path)
+    path, model = save_tiny_chat(tmp_path_factory.mktemp("src"), "llama", vocab_size=320, num_attention_heads=8,
+                                 num_key_value_heads=4, max_shard_size="60KB")
     assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
     return path, model
 

@@ -9,26 +9,19 @@ import pytest
 from cna_jax.config import study_config
 from cna_jax.study import Study, null_subsets
 from cna_jax.neurons import NeuronSet
-from hf_models import save_tiny
+from hf_models import save_tiny_chat
 
 SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
              rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=512)
 
+_HF_SHAPE = {k: v for k, v in SHAPE.items() if k not in ("model_type", "rope_theta", "rope_scaling")}  # save_tiny's
+
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    from cna_jax.lm import load_tokenizer
-
     root = tmp_path_factory.mktemp("pair")
-    tok = load_tokenizer("smollm2")
-    dirs = []
-    for seed in (0, 1):
-        path, _ = save_tiny(root, "llama", seed=seed, **{k: v for k, v in SHAPE.items()
-                                                          if k not in ("model_type", "rope_theta", "rope_scaling")})
-        tok.save_pretrained(path)
-        dirs.append(path)
-    return dirs
+    return [save_tiny_chat(root, "llama", seed=seed, **_HF_SHAPE)[0] for seed in (0, 1)]
 
 
 def tiny_config(pair):
@@ -261,17 +254,8 @@ def varied_pair(tmp_path_factory):
     """The tiny pair with a larger weight scale (initializer_range 0.3): the default 0.02 pair greedily
     repeats one token ("\\n" x 6) for every prompt, so no scorer of the texts could tell prompts or
     conditions apart; at 0.3 every prompt gets different word pieces."""
-    from cna_jax.lm import load_tokenizer
-
     root = tmp_path_factory.mktemp("varied")
-    tok = load_tokenizer("smollm2")
-    dirs = []
-    for seed in (0, 1):
-        path, _ = save_tiny(root, "llama", seed=seed, initializer_range=0.3,
-                            **{k: v for k, v in SHAPE.items() if k not in ("model_type", "rope_theta", "rope_scaling")})
-        tok.save_pretrained(path)
-        dirs.append(path)
-    return dirs
+    return [save_tiny_chat(root, "llama", seed=seed, initializer_range=0.3, **_HF_SHAPE)[0] for seed in (0, 1)]
 
 
 def test_study_with_custom_scorer_and_statistics(varied_pair, tmp_path):
