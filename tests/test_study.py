@@ -2,6 +2,9 @@
 import copy
 import json
 import os
+import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -214,14 +217,29 @@ def test_null_subsets_layer_matched_and_disjoint():
         [i.tolist() for i, _ in null_subsets(pool, subset, 3, "uniform", 0)]
 
 
-def test_sharded_study_equals_single_device(single_study, tmp_path):
+def mesh_config(pair):
+    """The tiny study on a (data=4, tensor=2) mesh over all devices: 8 simulated devices in one process, or
+    2 processes x 4 CPU devices (test_two_processes_equal_one_process)."""
+    c = tiny_config(pair)
+    c.mesh.devices, c.mesh.data, c.mesh.tensor = -1, 4, 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def mesh_study(tiny_pair, tmp_path_factory):
+    """The tiny study run once on the (4, 1, 2) mesh of the 8 simulated devices: (config, workdir, results,
+    the Study); compared with the single-device run and with the same study as 2 processes."""
+    c = mesh_config(tiny_pair)
+    workdir = tmp_path_factory.mktemp("study") / "mesh"
+    study = Study(c, str(workdir), progress=False)
+    return c, workdir, study.run(), study
+
+
+def test_sharded_study_equals_single_device(single_study, mesh_study):
     """The stages that touch the model (CNA, activations, refusal) on a (4, 1, 2) mesh of the 8 simulated
     devices give the single-device results."""
-    c, _, single, _ = single_study
-    c = copy.deepcopy(c)
-    c.mesh.devices, c.mesh.data, c.mesh.tensor = -1, 4, 2
-    study = Study(c, str(tmp_path / "mesh"), progress=False)
-    sharded = study.run()
+    single = single_study[2]
+    _, _, sharded, study = mesh_study
     assert study.lm("instruct").layout is not None
     assert len(study.lm("instruct").params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
     for key in ("cna_neurons", "graph_neurons", "refusal", "edges"):
@@ -234,6 +252,180 @@ def test_sharded_study_equals_single_device(single_study, tmp_path):
     # about as much, so KLs agree to ~1e-6 absolute (not relatively: these KLs are ~1e-4).
     for name, v in single["damage"].items():
         assert sharded["damage"][name] == pytest.approx(v, rel=1e-3, abs=2e-6), name
+
+
+# -- the same study as 2 processes x 4 CPU devices (launch/local_cluster.py; tests/test_multiprocess.py has
+# the launcher's own tests and the drivers the processes run) ------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVERS = os.path.join(ROOT, "tests", "test_multiprocess.py")  # the audit driver the processes run
+
+CONFIG_FILE = """
+import json
+from cna_jax.config import study_config
+
+
+def set_leaves(node, values):
+    for k, v in values.items():
+        if isinstance(v, dict) and hasattr(node[k], "to_dict"):
+            set_leaves(node[k], v)
+        else:
+            node[k] = tuple(v) if isinstance(node[k], tuple) else v
+
+
+def get_config():
+    c = json.load(open({path!r}))
+    m = c["model"]
+    out = study_config(name=c["name"], base=m["base"], instruct=m["instruct"], shape=m["shape"], dtype=m["dtype"])
+    set_leaves(out, c)
+    return out
+"""
+
+
+def write_config_file(c, directory) -> str:
+    """A config file for launch/study.py that rebuilds ``c`` (the values go through a JSON file)."""
+    values = os.path.join(directory, "config.values.json")
+    with open(values, "w") as f:
+        json.dump(c.to_dict(), f)
+    path = os.path.join(directory, "tiny_config.py")
+    with open(path, "w") as f:
+        f.write(CONFIG_FILE.format(path=values))
+    return path
+
+
+def _strace_writes(path: str, root: str) -> list[str]:
+    """System calls in an strace log that create, change or remove anything under ``root``."""
+    out = []
+    for line in open(path):
+        if root not in line or "resumed>" in line:  # a call split across threads: its first line has the arguments
+            continue
+        call = line.split("(", 1)[0].split()[-1]
+        if call in ("open", "openat") and not any(f in line for f in ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC")):
+            continue  # a read
+        out.append(line.strip())
+    return out
+
+
+def test_two_processes_equal_one_process(mesh_study, tmp_path):
+    """The study as 2 processes x 4 CPU devices (launch/local_cluster.py + launch/study.py) writes the
+    same stage results and report as the same study in this process on 8 simulated devices (the module's
+    mesh run); process 1 writes nothing but its own shards of the converted weights; a rerun reuses every
+    stage."""
+    from test_multiprocess import _cluster, _finish, _start_cluster
+
+    c, one, in_process, _ = mesh_study
+    config = write_config_file(c, str(tmp_path))
+    multi, one = str(tmp_path / "multi"), str(one)
+
+    def study_cmd(log):
+        return [sys.executable, DRIVERS, "audit", log, multi, os.path.join(ROOT, "launch", "study.py"),
+                f"--config={config}", f"--workdir={multi}", "--progress=false"]
+
+    t = time.time()
+    run = _finish(_start_cluster(study_cmd(str(tmp_path / "p1_writes.json")), ["--timeout=500"]), timeout=540)
+    print(f"2 processes x 4 devices: {time.time() - t:.0f}s")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert "all 2 processes exited 0" in run.stderr
+    assert "[p1] " in run.stdout and "study finished" in run.stdout
+
+    # Process 1 wrote nothing under the workdir (no Python-level write; with strace, no system call)
+    # except its own shards of the converted weights: a sharded Orbax save is collective, each process
+    # writes the shards its devices hold (ocdbt.process_1/, array_metadatas/process_1), as on a pod.
+    _check_p1_writes(str(tmp_path / "p1_writes.json"), multi,
+                     lambda path: "/converted/" in path and ("/ocdbt.process_1" in path
+                                                             or "/array_metadatas/process_1" in path))
+
+    # Same files (so the same stage keys), and the same contents: every JSON (report numbers, the
+    # neuron set, graphs, per-item generations and refusal flags) and CSV table, the activation cache
+    # and every stage's Orbax arrays. (Orbax's own files, in a stage's arrays/ or the converted
+    # weights' params/, have random or per-process names: the arrays are compared restored, below.)
+    def files(root):
+        rels = (os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+        return sorted(r for r in rels if "/arrays/" not in r and "/params/" not in r)
+
+    def same_contents():
+        assert files(multi) == files(one)
+        for rel in files(one):
+            a, b = os.path.join(multi, rel), os.path.join(one, rel)
+            name = os.path.basename(rel)
+            if name in ("done.json", "config.json", "complete.json"):  # wall-clock times, paths
+                continue
+            if name.endswith(".json"):
+                _assert_close(_numbers(json.load(open(a))), _numbers(json.load(open(b))), rel)
+            elif name.endswith((".csv", ".graphml")):
+                assert open(a).read() == open(b).read(), rel
+            elif name.endswith(".npz"):
+                with np.load(a) as x, np.load(b) as y:
+                    assert sorted(x.files) == sorted(y.files), rel
+                    for k in x.files:
+                        _assert_close(x[k], y[k], f"{rel}:{k}")
+        from cna_jax.store import Stage
+        for stage in os.listdir(os.path.join(one, "stages")):
+            name, key = stage.rsplit("-", 1)
+            x, y = Stage(multi, name, key).load()[0], Stage(one, name, key).load()[0]
+            assert sorted(x) == sorted(y), stage
+            for k in x:
+                _assert_close(x[k], y[k], f"{stage}:{k}")
+
+    same_contents()
+    _assert_close(_numbers(json.load(open(os.path.join(multi, "report", "results.json")))), _numbers(in_process),
+                  "results")
+
+    # A rerun as 2 processes reuses every stage (every process agrees that each is done) and restores
+    # the converted weights into the 8-device mesh: process 1 writes nothing at all.
+    t = time.time()
+    rerun = _cluster(study_cmd(str(tmp_path / "p1_rerun.json")), timeout=300, launcher_args=["--timeout=270"])
+    print(f"rerun: {time.time() - t:.0f}s")
+    assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-3000:]
+    n_stages = len(os.listdir(os.path.join(multi, "stages")))
+    for p in ("[p0]", "[p1]"):
+        reused = [line for line in rerun.stdout.splitlines() if line.startswith(p) and ": reused (" in line]
+        assert len(reused) == n_stages, rerun.stdout[-5000:]
+    assert ": done in" not in rerun.stdout, rerun.stdout[-5000:]
+    _check_p1_writes(str(tmp_path / "p1_rerun.json"), multi, lambda path: False)
+    same_contents()
+
+
+# Floats (2 processes against 1): the two runs compile the same sharded programs, but the 2-process one reduces over the
+# tensor axis through gloo and XLA may fuse the cross-process collectives differently, so float32 sums
+# (activations, their means and deltas) may differ in the last bits: seen up to 2.3e-7 relative, ~2
+# float32 ulps. 1e-5 relative (+1e-6 absolute, for sums that cancel to ~0) leaves room for the
+# longer reductions of other shapes and is still far below any discrete step: a refusal rate moves in
+# steps of 1/8, an edge frequency in 1/4. Everything discrete (ints, strings, flags, texts, neuron and
+# edge indices) is compared exactly.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_close(a, b, where: str) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        if np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=where)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=where)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == b or abs(a - b) <= ATOL + RTOL * abs(b) or (a != a and b != b), (where, a, b)
+    else:
+        assert a == b and type(a) is type(b), (where, a, b)
+
+
+def _check_p1_writes(log: str, root: str, allowed) -> None:
+    python_writes = json.load(open(log))
+    assert all(allowed(p) for _, p in python_writes), python_writes
+    if shutil.which("strace"):
+        assert os.path.getsize(log + ".strace") > 0  # the tracing worked
+        syscalls = _strace_writes(log + ".strace", root)
+        assert all(allowed(line) for line in syscalls), [x for x in syscalls if not allowed(x)]
+
+
 
 
 def test_load_config_file_overrides(tmp_path):
