@@ -274,12 +274,30 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
     return jax.lax.while_loop(cond_fn, body, (jnp.int32(0), state))[1]
 
 
+# XLA:CPU compiles the decode step's skinny matrix products (one row per slot: [S, E] x [E, F]) faster as
+# plain dots than inside its YNNPACK / XNNPACK library fusions: a batch-32 SmolLM2 step took 228 ms with
+# them and 183 ms without (launch/bench_generate.py --g5, one core). Prefill keeps them: its [P x T, E]
+# products are larger, and were slower without (G4's prefill calls: 38.5 s against 29.4 s). The matrix
+# products then accumulate in another order, so logits differ from the fused build in their last bits.
+DECODE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": ""}
+
+
+def decode_compiler_options(platform: str) -> dict | None:
+    """XLA options for the decode step's compile on ``platform`` (CPU only; other backends: none)."""
+    return DECODE_CPU_COMPILER_OPTIONS if platform == "cpu" else None
+
+
 # Jitted single-device entry points (static shapes come from the arguments).
 _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots", "width", "max_new_tokens"))
 _prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
 _prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
-_decode = jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps"), donate_argnums=(1,))
+
+
+@functools.cache
+def _decode(platform: str):
+    return jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps"), donate_argnums=(1,),
+                   compiler_options=decode_compiler_options(platform))
 
 
 @dataclasses.dataclass
@@ -308,7 +326,7 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
         empty=functools.partial(_empty_state, slots=slots, width=width, max_new_tokens=max_new_tokens, **stat),
         prefix=functools.partial(_prefix, **stat),
         prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
-        place=_place, decode=functools.partial(_decode, steps=chunk, **stat),
+        place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat),
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
         put_table=lambda t: tuple(jnp.asarray(x) for x in t))
 
@@ -373,7 +391,8 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     prefill.at, place.at = prefill_at, place_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,
-                             dict(steps=chunk, **stat), donate=(1,))
+                             dict(steps=chunk, **stat), donate=(1,),
+                             compiler_options=decode_compiler_options(layout.mesh.devices.flat[0].platform))
 
     def put_rows(*arrays):
         sh = (lambda a: b2 if a.ndim == 2 else b1) if split(arrays[0].shape[0]) else (lambda a: rep)

@@ -330,11 +330,12 @@ class ShardedFunction:
     Call it like the function (without the static keywords); ``lower(*args)`` works on arrays or
     ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`). Trailing dynamic arguments left
     out are None (optional arguments such as collection's ``prefix_tokens``). ``donate``: positions of
-    dynamic arguments whose buffers the outputs may reuse (``jax.jit``'s ``donate_argnums``).
+    dynamic arguments whose buffers the outputs may reuse (``jax.jit``'s ``donate_argnums``);
+    ``compiler_options``: XLA options for this function's compiles (``jax.jit``'s).
     """
 
     def __init__(self, fn: Callable, layout: Layout, in_shardings, out_shardings, static: dict,
-                 donate: tuple[int, ...] = ()):
+                 donate: tuple[int, ...] = (), compiler_options: dict | None = None):
         self.layout = layout
         self.static = dict(static)
         names = tuple(self.static)
@@ -351,7 +352,8 @@ class ShardedFunction:
         self.fn = fn
         self.n_dynamic = n_dyn
         self.jitted = jax.jit(traced, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
-                              static_argnums=tuple(range(n_dyn, n_dyn + len(names))), donate_argnums=donate)
+                              static_argnums=tuple(range(n_dyn, n_dyn + len(names))), donate_argnums=donate,
+                              compiler_options=compiler_options)
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
 
