@@ -1,4 +1,10 @@
-"""G4: the study's generation workload slice, SmolLM2-135M-Instruct fp32 CPU, one core for both sides.
+"""G4: the study's generation workload slice, SmolLM2-135M fp32 CPU, one core for both sides.
+
+Model (``--model``): ``testbed`` (default), the study's instruct model on the offline default -- SmolLM2-135M-
+Instruct fine-tuned to refuse (docs/TESTBED.md), built on first use, both sides loading its exported HF
+directory -- so the rows end as the study's do (most harmful prompts refused in a dozen tokens, the rest
+running to the limit); or ``smollm2``, the Instruct model as shipped, which answers these prompts instead
+(almost every row runs to the limit, so both sides decode about the same steps).
 
 Workload: 8 conditions x 48 prompts x 150 new tokens (``--prompts``, ``--nulls``, ``--new_tokens``), greedy,
 EOS (the tokenizer's and the chat end-of-turn) ending each row on both sides. Prompts: the chat-formatted
@@ -39,6 +45,8 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
+flags.DEFINE_enum("model", "testbed", ["testbed", "smollm2"], "testbed: the study's tuned instruct model; "
+                  "smollm2: SmolLM2-135M-Instruct as shipped.")
 flags.DEFINE_integer("prompts", 48, "Held-out harmful prompts (the first ones of the eval split).")
 flags.DEFINE_integer("nulls", 6, "Random null subsets (conditions = none + cna + nulls).")
 flags.DEFINE_integer("new_tokens", 150, "Max new tokens per row.")
@@ -91,7 +99,7 @@ def main(argv):
     F = flags.FLAGS
     if F.quick:
         F.prompts, F.nulls, F.new_tokens, F.slots, F.hf_batch = 8, 2, 24, 8, 8
-    lm, hf = smollm2_both()
+    lm, hf = smollm2_both(F.model)
     cfg = lm.cfg
     eos = set(lm.eos_ids())
     pad = lm.pad_id()
@@ -111,6 +119,8 @@ def main(argv):
     masks = [None if m is None else [torch.tensor(m[layer]) for layer in range(cfg.num_hidden_layers)]
              for _, m in conds]
 
+    hf_work = {"row_steps": 0}  # rows x decode steps HF computed (a batch runs until its last row ends)
+
     def hf_condition(c, prompt_ids):
         handles = []
         if masks[c] is not None:
@@ -128,6 +138,7 @@ def main(argv):
                                       max_new_tokens=F.new_tokens, do_sample=False, eos_token_id=sorted(eos),
                                       pad_token_id=pad)
                 out += [cut_at_eos(r, eos) for r in gen[:, tokens.shape[1]:].numpy().tolist()]
+                hf_work["row_steps"] += len(batch) * (gen.shape[1] - tokens.shape[1])
         finally:
             for h in handles:
                 h.remove()
@@ -136,29 +147,36 @@ def main(argv):
     def theirs():
         return {c: hf_condition(c, ids) for c in range(len(conds))}
 
-    results = {"machine": os.uname().nodename, "jax": jax.__version__, "torch": torch.__version__,
+    results = {"model": F.model, "machine": os.uname().nodename, "jax": jax.__version__, "torch": torch.__version__,
                "transformers": transformers.__version__, "prompts": len(prompts), "conditions": [n for n, _ in conds],
                "new_tokens": F.new_tokens, "slots": F.slots, "chunk": F.chunk, "hf_batch": F.hf_batch,
                "rows": len(rows), "shared_prefix": q, "load_avg_start": os.getloadavg()}
-    print(f"G4 workload: {len(conds)} conditions x {len(prompts)} prompts x {F.new_tokens} new tokens = "
+    print(f"G4 workload ({F.model}): {len(conds)} conditions x {len(prompts)} prompts x {F.new_tokens} new tokens = "
           f"{len(rows)} rows; shared chat header {q} tokens; engine slots {F.slots}, chunk {F.chunk}; "
           f"HF batches of {F.hf_batch}", flush=True)
     results["sgemm_gflops"] = sgemm_gflops()
     print(f"one-core SGEMM (NumPy 2048^2 float32): {results['sgemm_gflops']:.1f} GFLOP/s", flush=True)
 
-    # Compile: a warm-up job with the same compiled shapes (slots, suffix bucket, condition bucket; both
-    # insert sizes), then the gate on the full workload.
-    longest = max(range(len(rows)), key=lambda r: len(rows[r][0]))
+    # Compile: a warm-up job with every compiled shape of the workload (slots, width, condition bucket, and a
+    # prefill per suffix length bucket: P rows of each bucket, so that each prefill call of the length-sorted
+    # queue holds one bucket), then the gate on the full workload.
+    from cna_jax.batching import bucket
+    by_bucket = {bucket(len(ids_), GENERATE_LENGTH_MULTIPLE): (ids_, c) for ids_, c in sorted(rows, key=lambda r: len(r[0]))}
+    p = engine.prefill_rows(min(F.slots, len(rows)), (0 if prefix is None else len(prefix)) + max(by_bucket))
+    warm = [row for b in sorted(by_bucket) for row in [by_bucket[b]] * p]
+    warm += [by_bucket[max(by_bucket)]] * max(0, min(F.slots, len(rows)) - len(warm))
     t0 = time.perf_counter()
-    ours(rows[:F.slots] + [rows[longest]])
+    ours(warm)
     results["ours_compile_s"] = time.perf_counter() - t0
     hf_condition(0, ids[:2])  # HF warm-up
     t0 = time.perf_counter()
     mine = ours()
     t_ours_first = time.perf_counter() - t0
     t0 = time.perf_counter()
+    hf_work["row_steps"] = 0
     ref = theirs()
     t_hf_first = time.perf_counter() - t0
+    results["hf_row_steps"] = hf_work["row_steps"]
     print(f"first (gate) run: ours {t_ours_first:.1f} s, HF {t_hf_first:.1f} s; ours compile (warm-up job) "
           f"{results['ours_compile_s']:.1f} s", flush=True)
 
@@ -201,7 +219,7 @@ def main(argv):
                    hf_tok_s=results["hf_new_tokens_total"] / t_hf, load_avg_end=os.getloadavg())
     print(f"G4: ours {t_ours:.1f} s ({n_tokens / t_ours:.1f} tok/s) vs HF {t_hf:.1f} s "
           f"({results['hf_new_tokens_total'] / t_hf:.1f} tok/s): {t_hf / t_ours:.2f}x "
-          f"[{n_tokens} new tokens; load average {os.getloadavg()[0]:.1f}]", flush=True)
+          f"[{n_tokens} new tokens; HF decoded {results['hf_row_steps']} row-steps; load average {os.getloadavg()[0]:.1f}]", flush=True)
     print(json.dumps({k: v for k, v in results.items() if k != "mismatches"}))
     if F.out:
         with open(F.out, "w") as f:

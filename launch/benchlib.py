@@ -29,18 +29,29 @@ def interleaved(fns, repeats):
     return [statistics.median(t) for t in times]
 
 
-def smollm2_both():
-    """SmolLM2-135M-Instruct fp32 twice: through cna_jax (LM) and through transformers' own GGUF load."""
+def smollm2_both(source: str = "smollm2"):
+    """A SmolLM2-135M model fp32 twice: through cna_jax (LM) and through transformers.
+
+    source: ``smollm2`` (the Instruct model as shipped: transformers' own GGUF load) or ``testbed`` (the
+    study's tuned instruct model, built on first use; both sides read its exported HF directory)."""
     import torch
     import transformers
 
     from cna_jax.lm import LM, smollm2_gguf_path
 
     torch.set_num_threads(1)
-    path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
-    return LM.load("smollm2"), hf
+    if source == "smollm2":
+        path = smollm2_gguf_path()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32)
+        return LM.load("smollm2"), hf.eval()
+    if source == "testbed":
+        from cna_jax.testbed import ensure_testbed
+
+        path = ensure_testbed()
+        return LM.load(path, name="testbed"), transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32).eval()
+    raise ValueError(f"unknown model {source!r} (smollm2, testbed)")
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
