@@ -76,8 +76,8 @@ def smollm2_hf(tmp_path_factory):
 # pytest-xdist with --dist loadfile: each file runs whole on one worker (its module fixtures and compiled
 # functions shared), files handed out in collection order as workers free up. Slowest first, so the
 # short files fill in at the end (unlisted files keep their order, after these).
-SLOW_FILES = ("test_generate.py", "test_steering.py", "test_engine.py", "test_study.py", "test_plan.py",
-              "test_notebooks.py", "test_collect_cna.py", "test_multiprocess.py", "test_load.py", "test_sharding.py",
+SLOW_FILES = ("test_study.py", "test_plan.py", "test_notebooks.py", "test_steering.py", "test_generate.py",
+              "test_sharding.py", "test_collect_cna.py", "test_engine.py", "test_load.py", "test_multiprocess.py",
               "test_graph.py", "test_models.py", "test_export.py", "test_testbed.py")
 
 
