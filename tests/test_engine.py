@@ -123,3 +123,31 @@ def test_condition_table_bucketing_and_bad_input(tiny_job):
     # Long prompts: at most PREFILL_TOKENS rows x length per call (2k tokens: 4 rows, 8k: 1).
     assert engine.prefill_rows(32, 2048) == 4 and engine.prefill_rows(64, 8192) == 1
     assert engine.prefill_rows(64, 128) == 16
+
+
+def test_decode_compiles_without_cpu_library_fusions(tiny_job):
+    """On CPU the decode step is compiled without XLA's YNNPACK/XNNPACK library fusions (faster for its
+    one-row-per-slot products: engine.DECODE_CPU_COMPILER_OPTIONS), on one device and on a mesh; the same
+    step compiled with XLA's defaults does use them (so the check can fail)."""
+    import jax
+    import jax.numpy as jnp
+
+    path, cfg, params, *_ = tiny_job
+    s, width, n = 4, 20, 8
+    table = tuple(jnp.asarray(x) for x in engine.stack_conditions(cfg, [engine.Condition()]))
+    eos = jnp.asarray([1], jnp.int32)
+
+    def library_fusions(text):
+        return sum(text.count(k) for k in ("ynn_fusion", "xnn_fusion", "__xnn", "__ynn"))
+
+    state = engine.single_device_functions(cfg, jnp.float32, s, width, n, 2).empty()
+    stat = dict(cfg=cfg, dtype=jnp.float32, steps=2)
+    default = jax.jit(engine.decode_fn, static_argnames=("cfg", "dtype", "steps"))
+    assert library_fusions(default.lower(params, state, table, eos, **stat).compile().as_text()) > 0
+    ours = engine._decode("cpu").lower(params, state, table, eos, **stat).compile().as_text()
+    assert library_fusions(ours) == 0
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    fns = engine.sharded_functions(cfg, layout, jnp.float32, s, width, n, 2)
+    sharded = fns.decode.lower(S.shard_params(params, cfg, layout), fns.empty(), fns.put_table(
+        engine.stack_conditions(cfg, [engine.Condition()])), eos).compile().as_text()
+    assert library_fusions(sharded) == 0
