@@ -23,9 +23,11 @@ class Generations:
     tokens: list[list[int]]  # up to and including the EOS
 
 
-# Suffix batches are bucketed to multiples of this (finer than the default 32: suffixes are short;
-# coarser than collection's 8 because each generation shape costs a longer compile).
-GENERATE_LENGTH_MULTIPLE = 16
+# Prefill length buckets of one generate() call: suffixes up to 32 tokens (most chat prompts after the
+# shared header) share one compiled prefill. A call is short, so each extra bucket's compile (~10 s for
+# SmolLM2's 30 layers on a CPU core) costs more than padding; the study's long jobs use the finer
+# engine.JOB_LENGTH_MULTIPLE.
+GENERATE_LENGTH_MULTIPLE = 32
 
 
 def generate(lm: LM, prompts: Sequence[str], neuron_mult: np.ndarray | None = None, max_new_tokens: int = 150,

@@ -35,7 +35,6 @@ from cna_jax import graph as graph_lib
 from cna_jax import stats as stats_lib
 from cna_jax.collect import collect
 from cna_jax.distributed import barrier, is_writer
-from cna_jax.generate import GENERATE_LENGTH_MULTIPLE
 from cna_jax.batching import split_shared_prefix
 from cna_jax.lm import LM
 from cna_jax.models.config import from_hf_dict
@@ -281,7 +280,7 @@ class Study:
 
         engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
                    prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
-                   progress=self.progress, desc=desc, length_multiple=GENERATE_LENGTH_MULTIPLE)
+                   progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE)
         return done
 
     def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:

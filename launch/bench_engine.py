@@ -94,7 +94,6 @@ def main(argv):
 
     from cna_jax import data, engine
     from cna_jax.batching import left_pad, split_shared_prefix
-    from cna_jax.generate import GENERATE_LENGTH_MULTIPLE
 
     F = flags.FLAGS
     if F.quick:
@@ -114,7 +113,7 @@ def main(argv):
 
     def ours(job_rows=rows):
         return engine.run(lm, job_rows, eng_conds, max_new_tokens=F.new_tokens, slots=F.slots, chunk=F.chunk,
-                          prefix=prefix, length_multiple=GENERATE_LENGTH_MULTIPLE)
+                          prefix=prefix, length_multiple=engine.JOB_LENGTH_MULTIPLE)
 
     masks = [None if m is None else [torch.tensor(m[layer]) for layer in range(cfg.num_hidden_layers)]
              for _, m in conds]
@@ -161,7 +160,7 @@ def main(argv):
     # prefill per suffix length bucket: P rows of each bucket, so that each prefill call of the length-sorted
     # queue holds one bucket), then the gate on the full workload.
     from cna_jax.batching import bucket
-    by_bucket = {bucket(len(ids_), GENERATE_LENGTH_MULTIPLE): (ids_, c) for ids_, c in sorted(rows, key=lambda r: len(r[0]))}
+    by_bucket = {bucket(len(ids_), engine.JOB_LENGTH_MULTIPLE): (ids_, c) for ids_, c in sorted(rows, key=lambda r: len(r[0]))}
     p = engine.prefill_rows(min(F.slots, len(rows)), (0 if prefix is None else len(prefix)) + max(by_bucket))
     warm = [row for b in sorted(by_bucket) for row in [by_bucket[b]] * p]
     warm += [by_bucket[max(by_bucket)]] * max(0, min(F.slots, len(rows)) - len(warm))

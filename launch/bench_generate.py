@@ -64,14 +64,13 @@ def g5(lm, mult, params, repeats):
 
     from cna_jax import engine
     from cna_jax.batching import bucket, left_pad, split_shared_prefix
-    from cna_jax.generate import GENERATE_LENGTH_MULTIPLE
 
     F = flags.FLAGS
     s, n, chunk = F.g5_slots, F.g5_new_tokens, F.g5_chunk
     cfg = lm.cfg
     ids = lm.encode((PROMPTS * (s // len(PROMPTS) + 1))[:s])
     prefix, suffixes, q = split_shared_prefix(ids)
-    t = bucket(max(map(len, suffixes)), GENERATE_LENGTH_MULTIPLE)
+    t = bucket(max(map(len, suffixes)), engine.JOB_LENGTH_MULTIPLE)
     width = q + t + n
     fns = engine.single_device_functions(cfg, lm.dtype, s, width, n, chunk)
     table = fns.put_table(engine.stack_conditions(cfg, [engine.Condition(), engine.Condition(neuron_mult=mult)]))
