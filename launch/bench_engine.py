@@ -51,7 +51,7 @@ flags.DEFINE_integer("prompts", 48, "Held-out harmful prompts (the first ones of
 flags.DEFINE_integer("nulls", 6, "Random null subsets (conditions = none + cna + nulls).")
 flags.DEFINE_integer("new_tokens", 150, "Max new tokens per row.")
 flags.DEFINE_integer("slots", 32, "Engine slots (ours).")
-flags.DEFINE_integer("chunk", 8, "Engine decode steps per call (ours; engine.run's default).")
+flags.DEFINE_integer("chunk", 4, "Engine decode steps per call (ours; engine.run's default).")
 flags.DEFINE_integer("hf_batch", 32, "HF generate batch size (anchor).")
 flags.DEFINE_integer("repeats", 1, "Timed runs per side of the whole workload (median).")
 flags.DEFINE_bool("quick", False, "Small settings to validate the script: 8 prompts, 2 nulls, 24 tokens, "

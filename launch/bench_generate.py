@@ -39,7 +39,7 @@ flags.DEFINE_integer("neurons", 47, "Random neurons ablated (47 = SmolLM2's CNA 
 flags.DEFINE_bool("g5", True, "Also measure G5 (the engine's batch-32 decode step).")
 flags.DEFINE_integer("g5_slots", 32, "G5: engine slots (the batch).")
 flags.DEFINE_integer("g5_new_tokens", 150, "G5: ring columns of the cache (max_new_tokens).")
-flags.DEFINE_integer("g5_chunk", 8, "G5: decode steps per timed call (engine.run's default chunk).")
+flags.DEFINE_integer("g5_chunk", 4, "G5: decode steps per timed call (engine.run's default chunk).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 PROMPTS = [

@@ -137,7 +137,7 @@ def _devices(n: int):
     return cpu[:n]
 
 
-def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, params, chunk: int = 8):
+def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, params, chunk: int | None = None):
     """The engine's calls on the layout, each as (name, ShardedFunction, abstract arguments, abstract
     buffers alive during the call but not its arguments): the largest ``prefill`` (the slot state and the
     previous staging buffer stay alive while it runs), ``place`` and a ``decode`` chunk (the staging
@@ -151,7 +151,7 @@ def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, 
 
     sd = jax.ShapeDtypeStruct
     width = prompt + new_tokens
-    fns = engine.sharded_functions(cfg, layout, dtype, slots, width, new_tokens, chunk)
+    fns = engine.sharded_functions(cfg, layout, dtype, slots, width, new_tokens, chunk or engine.DECODE_CHUNK)
     p = engine.prefill_rows(slots, prompt)
     prefill, place = fns.prefill.at(p), fns.place.at(p)
     state_sh, table_sh = fns.decode.in_shardings[1], fns.decode.in_shardings[2]
