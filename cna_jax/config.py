@@ -92,6 +92,9 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     c.mesh = ml_collections.ConfigDict(dict(
         preset="", data=_int(), fsdp=_int(), tensor=_int(), rules=_str(), kv_heads=_str(), devices=_int()))
     c.distributed = False  # call jax.distributed.initialize() first (multi-host pods)
+    # CPU devices the launch scripts give a single-process study (cna_jax.distributed.cpu_device_count):
+    # 0 = one per core, at most generation.batch_size // 32; the data axis then splits the work over cores.
+    c.cpu_devices = 0
     return c
 
 
@@ -137,6 +140,8 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     _validate_baselines(c, shape, eligible)
     mesh = mesh_settings(c)
     _validate_distributed(c.get("distributed", False))
+    if not isinstance(c.get("cpu_devices", 0), int) or c.get("cpu_devices", 0) < 0:
+        raise ValueError(f"config.cpu_devices must be 0 (one per core) or a positive count, got {c.cpu_devices!r}")
     if devices is not None:
         check_mesh(shape, mesh, devices)
 

@@ -20,7 +20,8 @@ def get_config():
     c.name, c.model.base, c.model.instruct = "SmolLM2-135M testbed", "smollm2", "testbed"
     c.model.base_chat = True  # the "base" is itself a chat model: both sides get the chat template
     # The method's settings (study_config's defaults: all held-out prompts, 150 new tokens, 30 + 30 nulls);
-    # 64 engine slots and 64-prompt collection batches suit a 2-core CPU.
-    c.generation.batch_size = 64
+    # 128 engine slots (on a 2-core CPU: 2 CPU devices x 64, cna_jax.distributed.cpu_device_count) and
+    # 64-prompt collection batches.
+    c.generation.batch_size = 128
     c.collect.batch_size = 64
     return c

@@ -41,6 +41,10 @@ def main(argv):
     overrides = [f"{k}={v!r}" for k, v in config_flags.get_override_values(F["config"]).items()]
     configs = [(p.split(":", 1)[1] if ":" in p else os.path.basename(p)[:-3], load_config_file(p, overrides))
                for p in F.configs]
+    from cna_jax import distributed
+
+    # One process for every config: the fewest CPU devices any of them asks for (config.cpu_devices).
+    distributed.configure_cpu_devices(min((c for _, c in configs), key=distributed.cpu_device_count))
     for _, c in configs:
         validate(c, devices=len(jax.devices()))
     from cna_jax.study import run_many

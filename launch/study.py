@@ -25,6 +25,7 @@ def main(argv):
     c = F.config
     from cna_jax import distributed
     distributed.initialize_from_config(c)  # first, before any JAX work (--config.distributed or local_cluster.py)
+    distributed.configure_cpu_devices(c)  # a single process on a CPU: one device per core (config.cpu_devices)
     import jax
 
     from cna_jax.config import validate

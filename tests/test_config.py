@@ -165,3 +165,38 @@ def test_multi_study_overrides_use_the_config_syntax(tmp_path):
     proc, _ = _run("multi_study.py", configs, "--config.nulls.n_unform=3", workdir=workdir)
     assert proc.returncode != 0 and "n_unform" in proc.stderr
     assert not workdir.exists()
+
+
+_CPU_PROBE = """
+import os, sys, jax
+from cna_jax import distributed
+from cna_jax.config import load_config_file, validate
+c = load_config_file(sys.argv[1], sys.argv[2:])
+validate(c)
+print(distributed.configure_cpu_devices(c), len(jax.devices()), len(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.parametrize("overrides, xla_flags, expect", [
+    ((), "", "auto"),  # testbed: 128 slots -> one device per core, at most 4
+    (("generation.batch_size=32",), "", 1),  # a single batch-32 step: one device
+    (("cpu_devices=3",), "", 3),
+    ((), "--xla_force_host_platform_device_count=5", None),  # an explicit device count wins
+])
+def test_study_process_splits_the_cpu_into_devices(overrides, xla_flags, expect):
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    out = subprocess.run([sys.executable, "-c", _CPU_PROBE, TESTBED, *overrides], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got, devices, cores = out.stdout.split()[-3:]
+    if expect is None:
+        assert (got, devices) == ("None", "5")
+    else:
+        n = min(int(cores), 4) if expect == "auto" else expect
+        assert (got, devices) == (str(n), str(n))
+
+
+def test_cpu_devices_must_be_a_count():
+    with pytest.raises(ValueError, match="cpu_devices must be 0"):
+        C.validate(C.load_config_file(TESTBED, ["cpu_devices=-1"]))
