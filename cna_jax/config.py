@@ -104,6 +104,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     ``devices``: the device count, known at launch (``len(jax.devices())``); with it the mesh is also
     checked against the devices and the model's sizes, so a mesh that cannot work fails before any
     weights load."""
+    from cna_jax.distributed import cpu_device_count
     from cna_jax.graph import GraphSettings
     from cna_jax.models.config import from_hf_dict
     from cna_jax.refusal import _checked_flags, scorer_from_spec
@@ -140,8 +141,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     _validate_baselines(c, shape, eligible)
     mesh = mesh_settings(c)
     _validate_distributed(c.get("distributed", False))
-    if not isinstance(c.get("cpu_devices", 0), int) or c.get("cpu_devices", 0) < 0:
-        raise ValueError(f"config.cpu_devices must be 0 (one per core) or a positive count, got {c.cpu_devices!r}")
+    cpu_device_count(c)  # raises for a cpu_devices that is not a count
     if devices is not None:
         check_mesh(shape, mesh, devices)
 

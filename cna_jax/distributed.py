@@ -112,7 +112,9 @@ def cpu_device_count(config: Any) -> int:
     device using both cores through XLA's intra-op threads (2 x 64 slots 322 tok/s against 1 x 128 281
     tok/s, SmolLM2 fp32): two single-threaded steps of batch 64 beat one two-threaded step of 128.
     Programs that do not shard (the testbed fine-tune) still use every core."""
-    n = int(config.get("cpu_devices", 0))
+    n = config.get("cpu_devices", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:  # checked here too: launch calls this before validate
+        raise ValueError(f"config.cpu_devices must be 0 (one per core) or a positive count, got {n!r}")
     if n:
         return n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
