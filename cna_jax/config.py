@@ -66,8 +66,13 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     c.graph = ml_collections.ConfigDict(graph)
     # detector: the behaviour scorer, "regex" | "substring" | "phrases:a|b" | "regex:<pattern>" |
     # "module:function" (cna_jax.refusal.scorer_from_spec).
+    # stop_when_scored: a row stops once its flag and quality can no longer change (the regex detector
+    # reads 500 characters, quality 200; cna_jax.refusal.settled_rule): the same numbers, ~27% fewer
+    # tokens at the method's settings; its saved text is then that prefix. The unmodified model's
+    # harmless continuations (KL's reference) always run in full.
     c.generation = ml_collections.ConfigDict(dict(
-        max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True))
+        max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True,
+        stop_when_scored=True))
     c.nulls = ml_collections.ConfigDict(dict(n_layer_matched=30, n_uniform=30, seed=0))
     # The residual-direction baselines (directional ablation, activation addition; docs/METHOD.md §5.1):
     # layer -1 = select it (the middle 20-80% of layers; lowest refusal under ablation on a held-out
@@ -134,6 +139,8 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
         _checked_flags(c.generation.detector, scorer_from_spec(c.generation.detector)(probe), len(probe))
     except ValueError as e:
         raise ValueError(f"config.generation.detector: {e}") from None
+    if not isinstance(c.generation.stop_when_scored, bool):
+        raise ValueError(f"config.generation.stop_when_scored must be True or False, got {c.generation.stop_when_scored!r}")
     if c.generation.max_new_tokens < 1 or c.generation.batch_size < 1 or c.collect.batch_size < 1:
         raise ValueError("generation.max_new_tokens, generation.batch_size and collect.batch_size must be >= 1")
     if c.nulls.n_layer_matched < 0 or c.nulls.n_uniform < 0:

@@ -13,12 +13,14 @@ The device holds ``S`` slots (:class:`SlotState`). The host loop alternates thre
   sorted by length, so short rows are not padded to the job's longest), into a staging buffer
   (:class:`Staged`) of keys/values, first tokens and bookkeeping;
 * ``place`` -- copies staged rows into free slots (a cheap copy: rows end a few at a time, so a
-  prefilled row may wait a chunk or two in the buffer instead of the prefill computing filler rows);
+  prefilled row may wait a chunk or two in the buffer instead of the prefill computing filler rows; on
+  a mesh a staged row goes only to a free slot of its own device group, so no row crosses devices);
 * ``decode`` -- up to ``chunk`` greedy steps over all slots in one ``lax.while_loop`` (it stops early
   when every slot is done); a slot decodes at most one chunk past its row's end.
 
-Between calls the host reads which rows ended (EOS or ``max_new_tokens``), hands their tokens to the
-caller (``on_finish``; the study appends them to disk) and queues new rows into the freed slots.
+Between calls the host reads which rows ended (EOS, ``max_new_tokens``, or the caller's ``stop`` rule,
+which ``retire`` marks on the device), hands their tokens to the caller (``on_finish``; the study
+appends them to disk) and queues new rows into the freed slots.
 
 Cache layout per slot, width ``W = Q + T + R``: ``[0, Q)`` the shared chat-template prefix (computed
 once per condition per job, with that condition's intervention: it applies to the prefix too),
@@ -224,25 +226,63 @@ def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, *, cfg: M
                   _is_eos(first, eos_ids) | (max_new_tokens <= 1), cond)
 
 
-def place_fn(state: SlotState, staged: Staged, src, slot_idx) -> SlotState:
-    """Moves staged rows ``src`` [M] into slots ``slot_idx`` [M] (an index >= S drops that entry)."""
-    w = state.kv_valid.shape[1]
-    n = state.out.shape[1]
-    m, width = src.shape[0], staged.kv_valid.shape[1]
-    rows = jax.tree.map(lambda x: jnp.take(x, src, axis=0), staged)
+def place_fn(state: SlotState, staged: Staged, src, slot_idx, *, slot_axes: SlotState | None = None,
+             row_axes: Staged | None = None) -> SlotState:
+    """Moves staged rows ``src`` [M] into slots ``slot_idx`` [M] (an index >= S drops that entry).
 
-    def put(dst, x):
-        return dst.at[slot_idx].set(x.astype(dst.dtype), mode="drop")
+    One row at a time, each a ``dynamic_update_slice`` of the donated state (in place): XLA:CPU runs a
+    scatter element by element (37 ms per call at 128 slots on one core, ~5% of the study's generation
+    job), the row copies cost what their bytes do. slot_axes / row_axes: inside ``shard_map``
+    (:func:`sharded_place_fn`), the mesh axes each state / staged array's leading axis is split over (tuples,
+    () when not split); indices are global, and a device writes a row only where both the staged row and
+    the slot are its own."""
+    n, w = state.out.shape[1], state.kv_valid.shape[1]
+    slot_axes = slot_axes if slot_axes is not None else jax.tree.map(lambda _: (), state)
+    row_axes = row_axes if row_axes is not None else jax.tree.map(lambda _: (), staged)
 
-    cache = KVCache(tuple(c.at[slot_idx, :, :, :width].set(x.astype(c.dtype), mode="drop")
-                          for c, x in zip(state.cache.k, rows.cache.k)),
-                    tuple(c.at[slot_idx, :, :width].set(x.astype(c.dtype), mode="drop")
-                          for c, x in zip(state.cache.v, rows.cache.v)))
-    return SlotState(
-        cache=cache, kv_valid=put(state.kv_valid, jnp.concatenate([rows.kv_valid, jnp.zeros((m, w - width), bool)], 1)),
-        tok=put(state.tok, rows.tok), pos=put(state.pos, rows.pos), step=put(state.step, jnp.ones((m,), jnp.int32)),
-        out=put(state.out, jnp.zeros((m, n), jnp.int32).at[:, 0].set(rows.tok)),
-        done=put(state.done, rows.done), cond=put(state.cond, rows.cond), clock=state.clock)
+    def local(i, ax, size):  # global index -> (index into this device's block, whether it is here)
+        if ax:
+            i = i - jax.lax.axis_index(ax) * size
+        return jnp.clip(i, 0, size - 1), (i >= 0) & (i < size)
+
+    def put(dst, x, i, ax, here):  # dst [S, ...] <- x [...] at slot i (its leading columns if x is narrower)
+        i, ok = local(i, ax, dst.shape[0])
+        start = (i,) + (0,) * x.ndim
+        old = jax.lax.dynamic_slice(dst, start, (1,) + x.shape)
+        return jax.lax.dynamic_update_slice(dst, jnp.where(ok & here, x[None].astype(dst.dtype), old), start)
+
+    def body(j, st):
+        i = slot_idx[j]
+        # Trees of axis tuples follow the array trees (jax.tree.map takes the arrays' structure as a prefix).
+        row = jax.tree.map(lambda x, ax: x[local(src[j], ax, x.shape[0])[0]], staged, row_axes)
+        here = jax.tree.map(lambda x, ax: local(src[j], ax, x.shape[0])[1], staged, row_axes)
+        valid = jnp.zeros((w,), bool).at[:row.kv_valid.shape[0]].set(row.kv_valid)
+        new = SlotState(row.cache, valid, row.tok, row.pos, jnp.int32(1), jnp.zeros((n,), jnp.int32).at[0].set(row.tok),
+                        row.done, row.cond, st.clock)
+        ok = SlotState(here.cache, here.kv_valid, here.tok, here.pos, here.tok, here.tok, here.done, here.cond, None)
+        return SlotState(*(jax.tree.map(lambda dst, x, ax, h: put(dst, x, i, ax, h), *field) for field in
+                           zip(st[:-1], new[:-1], slot_axes[:-1], ok[:-1])), st.clock)
+
+    return jax.lax.fori_loop(0, src.shape[0], body, state)
+
+
+def sharded_place_fn(layout, state_sh: SlotState, staged_sh: Staged) -> Callable:
+    """:func:`place_fn` on a mesh, in ``shard_map``: each device copies its own staged rows into its own
+    slots, with no data crossing devices (``run`` pairs a staged row only with a free slot of the same
+    device group, :attr:`Functions.groups`). Under plain SPMD partitioning the rows were gathered to
+    every device (one collective per layer array) and a write at a traced slot index touched every
+    device's whole cache shard: 80 ms per call on two CPU devices."""
+    from jax import shard_map
+    from jax.sharding import PartitionSpec
+
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    axes_of = lambda p: () if not len(p) or p[0] is None else (p[0],) if isinstance(p[0], str) else tuple(p[0])
+    state_specs = jax.tree.map(lambda sh: sh.spec, state_sh)
+    staged_specs = jax.tree.map(lambda sh: sh.spec, staged_sh)
+    local = functools.partial(place_fn, slot_axes=jax.tree.map(axes_of, state_specs, is_leaf=is_spec),
+                              row_axes=jax.tree.map(axes_of, staged_specs, is_leaf=is_spec))
+    rep = PartitionSpec()
+    return shard_map(local, mesh=layout.mesh, in_specs=(state_specs, staged_specs, rep, rep), out_specs=state_specs)
 
 
 def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dtype, steps: int) -> SlotState:
@@ -274,6 +314,11 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
     return jax.lax.while_loop(cond_fn, body, (jnp.int32(0), state))[1]
 
 
+def retire_fn(done, mask):
+    """Ends the slots in ``mask`` [S] (rows the host stopped: ``run``'s ``stop``)."""
+    return done | mask
+
+
 # XLA:CPU compiles the decode step's skinny matrix products (one row per slot: [S, E] x [E, F]) faster as
 # plain dots than inside its YNNPACK / XNNPACK library fusions: a batch-32 SmolLM2 step took 228 ms with
 # them and 183 ms without (launch/bench_generate.py --g5, one core). Prefill keeps them: its [P x T, E]
@@ -292,6 +337,7 @@ _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots",
 _prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
 _prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
+_retire = jax.jit(retire_fn, donate_argnums=(0,))
 
 
 @functools.cache
@@ -309,8 +355,12 @@ class Functions:
     prefill: Callable  # (params, prefix_kv, tokens, valid, cond, table, eos_ids) -> Staged
     place: Callable  # (state, staged, src, slot_idx) -> SlotState
     decode: Callable  # (params, state, table, eos_ids) -> SlotState
+    retire: Callable  # (done [S], mask [S]) -> done
     put_rows: Callable  # host [P, ...] arrays -> device arrays (prefill's rows, place's indices)
     put_table: Callable  # host condition arrays -> device arrays
+    # Device groups of a P-row prefill: staged row j may only go to a slot of its own group (row group
+    # j // (P // g), slot group s // (S // g)), so placing moves no data across devices.
+    groups: Callable[[int], int] = lambda p: 1
 
     def insert(self, params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids) -> SlotState:
         """Prefill P rows and place row i in slot ``slot_idx[i]`` (>= S drops it): the two calls at once."""
@@ -326,7 +376,7 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
         empty=functools.partial(_empty_state, slots=slots, width=width, max_new_tokens=max_new_tokens, **stat),
         prefix=functools.partial(_prefix, **stat),
         prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
-        place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat),
+        place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
         put_table=lambda t: tuple(jnp.asarray(x) for x in t))
 
@@ -379,8 +429,8 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     def place_at(p):  # P staged rows, P (src, slot) pairs (unused pairs drop)
         if p not in places:
             idx = b1 if split(p) else rep
-            places[p] = ShardedFunction(place_fn, layout, (state_sh, staged_sh(p), idx, idx), state_sh, {},
-                                        donate=(0,))
+            places[p] = ShardedFunction(sharded_place_fn(layout, state_sh, staged_sh(p)), layout,
+                                        (state_sh, staged_sh(p), idx, idx), state_sh, {}, donate=(0,))
         return places[p]
 
     def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids):
@@ -398,7 +448,9 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
         sh = (lambda a: b2 if a.ndim == 2 else b1) if split(arrays[0].shape[0]) else (lambda a: rep)
         return tuple(jax.make_array_from_callback(a.shape, sh(a), lambda idx, a=a: a[idx]) for a in arrays)
 
-    return Functions(empty, prefix, prefill, place, decode, put_rows, functools.partial(sharded_table, layout))
+    retire = ShardedFunction(retire_fn, layout, (b1, b1 if split(slots) else rep), b1, {}, donate=(0,))
+    return Functions(empty, prefix, prefill, place, decode, retire, put_rows, functools.partial(sharded_table, layout),
+                     groups=lambda p: mult if split(p) else 1)
 
 
 def _ways(sharding, dim: int) -> int:
@@ -446,14 +498,16 @@ JOB_LENGTH_MULTIPLE = 16
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
         max_new_tokens: int = 150, slots: int = 32, chunk: int = DECODE_CHUNK, prefix: Sequence[int] | None = None,
         on_finish: Callable[[int, list[int]], None] | None = None, progress: bool = False, desc: str = "generating",
-        length_multiple: int = JOB_LENGTH_MULTIPLE, eos_ids: Sequence[int] | None = None, pad_id: int | None = None
-        ) -> list[list[int]]:
+        length_multiple: int = JOB_LENGTH_MULTIPLE, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+        stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy generations for every row of a job; returns each row's new tokens (up to and including EOS).
 
     rows: (token ids of the prompt *after* ``prefix``, condition index) per row; prefix: token ids every
     row starts with (run once per condition), or None. on_finish(row, tokens) is called as rows end,
     in any order. ``lm`` provides cfg, params, dtype, the optional mesh layout and, unless given here,
-    the EOS ids and pad id (from its tokenizer).
+    the EOS ids and pad id (from its tokenizer). stop(row, tokens so far) is asked after every decode
+    chunk for each running row; True ends the row there, as EOS would (the study stops a row once its
+    scores can no longer change, :func:`cna_jax.refusal.settled_rule`).
     """
     from cna_jax.batching import bucket, left_pad
 
@@ -493,6 +547,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(rows), desc=desc, unit="row")
+    g = fns.groups(p)
     while queue or ready or any(o >= 0 for o in occupant):
         free = [s for s, o in enumerate(occupant) if o < 0]
         while free and (ready or queue):
@@ -503,18 +558,34 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
                 cond = np.array([rows[r][1] for r in new] + [rows[new[0]][1]] * (p - len(new)), np.int32)
                 staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos)
                 ready = list(enumerate(new))
-            take = min(len(free), len(ready))
-            src = np.array([i for i, _ in ready[:take]] + [0] * (p - take), np.int32)
-            dst = np.array(free[:take] + [slots] * (p - take), np.int32)  # slots = dropped
-            for s, (_, r) in zip(free, ready[:take]):
+            # Pair ready rows with free slots of their own device group.
+            pairs, left = [], []
+            for j, r in ready:
+                k = next((k for k, s in enumerate(free) if s // (slots // g) == j // (p // g)), None)
+                if k is None:
+                    left.append((j, r))
+                else:
+                    pairs.append((j, free.pop(k), r))
+            if not pairs:
+                break  # the free slots' groups have no ready rows: they wait for the next decode chunk
+            ready = left
+            for _, s, r in pairs:
                 occupant[s] = r
-            ready, free = ready[take:], free[take:]
+            src = np.array([j for j, _, _ in pairs] + [0] * (p - len(pairs)), np.int32)
+            dst = np.array([s for _, s, _ in pairs] + [slots] * (p - len(pairs)), np.int32)  # slots = dropped
             state = fns.place(state, staged, *fns.put_rows(src, dst))
         state = fns.decode(lm.params, state, table, eos)
         done, step = lm.to_host(state.done), lm.to_host(state.step)
         ended = [s for s, o in enumerate(occupant) if o >= 0 and done[s]]
+        out = lm.to_host(state.out) if ended or stop is not None else None
+        if stop is not None:
+            cut = [s for s, o in enumerate(occupant) if o >= 0 and not done[s] and stop(o, out[s, :step[s]].tolist())]
+            if cut:
+                mask = np.zeros((slots,), bool)
+                mask[cut] = True
+                state = state._replace(done=fns.retire(state.done, *fns.put_rows(mask)))
+                ended += cut
         if ended:
-            out = lm.to_host(state.out)
             for s in ended:
                 r = occupant[s]
                 results[r] = out[s, :step[s]].tolist()

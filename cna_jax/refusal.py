@@ -268,6 +268,45 @@ def quality_score(text: str) -> float:
     return 1.0 - min(1.0, penalty)
 
 
+# --- early stop: when a generation's scores can no longer change ---------------------------------
+
+# Held back from the end of a decoded prefix before it is treated as final: a character split over
+# byte-level tokens decodes to U+FFFD pieces until its last byte arrives, and tokenizer clean-up
+# (" ." -> ".") can change the characters at a token boundary; both stay within the tail.
+SETTLE_TOKENS = 2
+SETTLE_CHARS = 8
+
+
+def settled_text(decode: Callable[[list[int]], str], tokens: Sequence[int]) -> str:
+    """The part of the decoded ``tokens`` that the decoded text of any longer generation starts with:
+    ``decode(tokens[:-2])`` less its last 8 characters ("" for short prefixes)."""
+    if len(tokens) <= SETTLE_TOKENS:
+        return ""
+    return decode(list(tokens[:-SETTLE_TOKENS]))[:-SETTLE_CHARS]
+
+
+def settled_rule(spec: str) -> Optional[Callable[[str], bool]]:
+    """A test on a settled prefix of a generation (:func:`settled_text`) that is True only when the
+    flag of the scorer ``spec`` and :func:`quality_score` are the same for every generation that
+    starts with it, so generating further cannot change a number of the study. None when the scorer
+    gives no such guarantee.
+
+    * ``"regex"``: the prefix covers both windows (500 characters), or a pattern already matched and
+      the prefix covers the quality window (200 characters): the patterns have no anchors, so a
+      match inside the window stays a match;
+    * ``"substring"`` / ``"phrases:..."``: a phrase already occurs and the quality window is covered
+      (the whole text is searched, so a text without a phrase is never settled);
+    * ``"regex:..."`` and callables: None (a user pattern may be anchored, a callable may read anything).
+    """
+    if spec == "regex":
+        return lambda t: len(t) >= max(REGEX_WINDOW, QUALITY_WINDOW) or (
+            len(t) >= QUALITY_WINDOW and is_refusal_regex(t))
+    if spec == "substring" or str(spec).startswith("phrases:"):
+        score = scorer_from_spec(spec)
+        return lambda t: len(t) >= QUALITY_WINDOW and bool(score([t])[0])
+    return None
+
+
 # --- report ---------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from cna_jax.batching import split_shared_prefix
 from cna_jax.lm import LM
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import NeuronSet
-from cna_jax.refusal import refusal_report
+from cna_jax.refusal import refusal_report, settled_rule, settled_text
 from cna_jax.store import Stage, config_hash
 
 log = logging.getLogger("cna_jax.study")
@@ -253,13 +253,16 @@ class Study:
                                     res.nodes, res.frequency)
         return res
 
-    def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str) -> dict:
+    def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str, full: tuple = ()) -> dict:
         """Runs (or resumes) one engine job and returns {(item, i): tokens} for every row.
 
         items: (item name, prompts, index into conds); conds: engine Conditions. Each finished row is
         appended to ``rows.jsonl`` in the stage directory, so a killed run loses only the rows in flight
-        and a rerun generates the rest."""
+        and a rerun generates the rest. With ``generation.stop_when_scored`` a row stops once its
+        refusal flag and quality can no longer change (``refusal.settled_rule``), except the rows of
+        the items in ``full``, which run to EOS or ``max_new_tokens``."""
         g = self.c.generation
+        rule = settled_rule(g.detector) if g.stop_when_scored else None
         done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
         ids = {}
         for _, prompts, _ in items:
@@ -278,9 +281,13 @@ class Study:
             done[where[r]] = tokens
             stage.append_row("rows.jsonl", {"item": where[r][0], "i": where[r][1], "tokens": tokens})
 
+        def settled(r, tokens):
+            return where[r][0] not in full and rule(settled_text(lm.decode, tokens))
+
         engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
                    prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
-                   progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE)
+                   progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE,
+                   stop=None if rule is None else settled)
         return done
 
     def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:
@@ -316,7 +323,8 @@ class Study:
 
         def run(stage):
             lm = self.lm("instruct")
-            done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job")
+            # The unmodified model's harmless continuations run in full: the damage stage scores KL along them.
+            done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job", full=("harmless-none",))
             refusal, rates = {}, {}
             for item, prompts, k, name, ps in items:
                 n_neurons = conditions[name][1] if name is not None else nulls[k - len(conditions)][3]

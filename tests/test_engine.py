@@ -104,6 +104,41 @@ def test_tiny_mixed_conditions_on_a_4x1x2_mesh(tiny_job):
     lm = LM(cfg, params, tokenizer=None, chat=False, layout=layout)
     _check_tiny(lm, tiny_job)  # 8 slots: prefill calls of 2 rows, replicated (2 does not divide over data=4)
     _check_tiny(lm, tiny_job, slots=16)  # 4 rows, split over the data axis
+    _check_stop(lm, tiny_job)
+
+
+def _check_stop(lm, job):
+    """``stop`` ends rows of condition 1 once they hold 5 tokens: each ends with a prefix of HF's row at
+    least that long, is never asked about again, and its slot goes to the queue (more rows than slots);
+    the other rows are unchanged."""
+    _, _, _, prefix, rows, conds, eos, want, suffixes = job
+    asked_after = []
+
+    def stop(r, tokens):
+        if r in stopped:
+            asked_after.append(r)
+        if rows[r][1] == 1 and len(tokens) >= 5:
+            stopped.add(r)
+            return True
+        return False
+
+    stopped = set()
+    got = engine.run(lm, rows, [engine.Condition(m) for m in conds], max_new_tokens=12, slots=4, chunk=3,
+                     prefix=prefix, eos_ids=[eos], pad_id=0, length_multiple=4, stop=stop)
+    cut = 0
+    for r, ((tok, c), out) in enumerate(zip(rows, got)):
+        ref = want[c][suffixes.index(tok)]
+        if r in stopped:
+            assert 5 <= len(out) < len(ref) and out == ref[:len(out)], (r, out, ref)
+            cut += 1
+        else:
+            assert out == ref, (r, c)
+    assert cut >= 2 and not asked_after
+
+
+def test_stop_ends_rows_early(tiny_job):
+    _, cfg, params, *_ = tiny_job
+    _check_stop(LM(cfg, params, tokenizer=None, chat=False), tiny_job)
 
 
 def test_condition_table_bucketing_and_bad_input(tiny_job):

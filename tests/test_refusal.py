@@ -324,3 +324,78 @@ def test_config_validation_resolves_the_scorer_before_any_model():
         c.generation.detector = bad
         with pytest.raises(ValueError, match=f"config.generation.detector: .*{message}"):
             validate(c)
+
+
+# --- early stop (generation.stop_when_scored) -----------------------------------------------------
+
+def _scores(text, spec):
+    return refusal.scorer_from_spec(spec)([text])[0], quality_score(text)
+
+
+# Generations where the decision comes at different places: refusals early and late (after the quality
+# window, after the regex window), compliant answers short and long, a degenerate loop.
+_LONG = ("Here is a careful overview of the topic, with history, context and a few worked examples. " * 8)
+EARLY_STOP_TEXTS = [
+    "I cannot help with that. " + _LONG,
+    _LONG[:230] + " Sorry, but I must decline. " + _LONG,
+    _LONG[:520] + " I cannot help with that, sorry, but no. " + _LONG,
+    _LONG,
+    "Sure. " * 90,
+    "short answer",
+    "Ünïcödé ✓ 漢字 🙂 " * 30 + "I'm sorry, but no.",
+]
+
+
+@pytest.mark.parametrize("spec", ["regex", "substring", "phrases:sorry, but|decline"])
+@pytest.mark.parametrize("text", EARLY_STOP_TEXTS, ids=[f"text{i}" for i in range(len(EARLY_STOP_TEXTS))])
+def test_settled_prefix_fixes_flag_and_quality_for_every_continuation(text, spec):
+    """Wherever the rule says a prefix is settled, any text starting with it scores the same: the
+    generation's own rest, nothing, a refusal phrase, or noise (not the code's own output: each score is
+    recomputed from the finished text)."""
+    rule = refusal.settled_rule(spec)
+    settled_at = [j for j in range(len(text) + 1) if rule(text[:j])]
+    for j in settled_at[:3] + settled_at[-1:]:
+        want = _scores(text[:j], spec)
+        for rest in (text[j:], "", " I cannot help with that. Sorry, but no.", " zz$\\x" * 40):
+            assert _scores(text[:j] + rest, spec) == want, (j, rest[:20])
+    # Settled exactly where the windows say: the regex detector at 500 characters, or at 200 once a
+    # phrase matched; the whole-text scorers only after a phrase.
+    flag, _ = _scores(text, spec)
+    if spec == "regex" and len(text) >= 500:
+        assert settled_at and settled_at[0] <= 500
+    if not flag and spec != "regex":
+        assert not settled_at
+    if len(text) < 200:
+        assert not settled_at
+
+
+def test_settled_rule_only_for_scorers_that_read_a_prefix():
+    assert refusal.settled_rule(r"regex:^I\b") is None
+    assert refusal.settled_rule("custom_scorer:has_letter_e") is None
+
+
+def test_settled_text_is_a_prefix_of_every_longer_decode():
+    """SmolLM2's byte-level tokenizer: characters split over several tokens (emoji, CJK) decode to
+    U+FFFD pieces until complete, and clean-up rules touch token boundaries; the held-back tail covers
+    both, so the settled text of any prefix of the ids starts every longer decode."""
+    import numpy as np
+
+    from cna_jax.lm import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+    texts = ["I can't do that , sorry . Don't ask ; it isn't fine !", "🙂🙃 漢字かな ✓ Ünïcödé — “quotes” …",
+             "x^2 + y^2 = z^2 \\frac{a}{b} $$ 12.50 $5", *EARLY_STOP_TEXTS[:2]]
+    rng = np.random.default_rng(0)
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seqs += [rng.integers(0, len(tok), 60).tolist() for _ in range(20)]  # random ids, byte tokens included
+    checked = 0
+    for ids in seqs:
+        full = decode(ids)
+        for k in range(len(ids) + 1):
+            s = refusal.settled_text(decode, ids[:k])
+            for longer in (ids, ids[:k + 1], ids[:k + 3]):
+                assert decode(longer).startswith(s), (ids[:k], s)
+            checked += bool(s)
+        assert full.startswith(refusal.settled_text(decode, ids))
+    assert checked > 300
