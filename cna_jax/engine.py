@@ -30,9 +30,9 @@ slots, so the cache update stays a single ``dynamic_update_slice`` whatever step
 stored already rotated and attention is order-free over slots, so a row's columns need not be in time
 order; a row lives at most ``max_new_tokens - 1`` decode steps, so it never overwrites its own columns.
 
-Compiled shapes per job: one prefix pass, one decode chunk, one place and one prefill per length bucket
-the job's suffixes fall in (with the study's 16-token buckets: 2 for 10-21-token suffixes); all are
-cached across jobs with the same (S, T, Q, C bucket, max_new_tokens).
+Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``)
+and one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
+10-21-token suffixes); all are cached across jobs with the same (S, T, Q, C bucket, max_new_tokens).
 
 Memory of the condition table: ``C x L x I`` float32. Llama-3.1-70B (80 x 28,672) with 64 conditions is
 587 MB, split over the tensor axis (73 MB per device at tensor=8); SmolLM2 with 64 is 11.8 MB.
