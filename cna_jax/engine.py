@@ -275,12 +275,10 @@ def sharded_place_fn(layout, state_sh: SlotState, staged_sh: Staged) -> Callable
     from jax import shard_map
     from jax.sharding import PartitionSpec
 
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    axes_of = lambda p: () if not len(p) or p[0] is None else (p[0],) if isinstance(p[0], str) else tuple(p[0])
     state_specs = jax.tree.map(lambda sh: sh.spec, state_sh)
     staged_specs = jax.tree.map(lambda sh: sh.spec, staged_sh)
-    local = functools.partial(place_fn, slot_axes=jax.tree.map(axes_of, state_specs, is_leaf=is_spec),
-                              row_axes=jax.tree.map(axes_of, staged_specs, is_leaf=is_spec))
+    local = functools.partial(place_fn, slot_axes=jax.tree.map(lambda sh: _spec_axes(sh.spec), state_sh),
+                              row_axes=jax.tree.map(lambda sh: _spec_axes(sh.spec), staged_sh))
     rep = PartitionSpec()
     return shard_map(local, mesh=layout.mesh, in_specs=(state_specs, staged_specs, rep, rep), out_specs=state_specs)
 
@@ -453,11 +451,15 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                      groups=lambda p: mult if split(p) else 1)
 
 
+def _spec_axes(spec, dim: int = 0) -> tuple:
+    """The mesh axes a PartitionSpec splits array dimension ``dim`` over (() when not split)."""
+    axes = spec[dim] if dim < len(spec) else None
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _ways(sharding, dim: int) -> int:
     """How many ways a NamedSharding splits array dimension ``dim``."""
-    axes = sharding.spec[dim] if dim < len(sharding.spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(sharding.mesh.shape[a] for a in axes)
+    return math.prod(sharding.mesh.shape[a] for a in _spec_axes(sharding.spec, dim))
 
 
 def table_shardings(layout) -> tuple:
