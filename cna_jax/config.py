@@ -68,8 +68,9 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     # "module:function" (cna_jax.refusal.scorer_from_spec).
     # stop_when_scored: a row stops once its flag and quality can no longer change (the regex detector
     # reads 500 characters, quality 200; cna_jax.refusal.settled_rule): the same numbers, ~27% fewer
-    # tokens at the method's settings; its saved text is then that prefix. The unmodified model's
-    # harmless continuations (KL's reference) always run in full.
+    # tokens at the method's settings; its saved text is then that prefix. Null-subset rows and the
+    # direction layer's selection (only rates read) stop once the flag alone is settled. The unmodified
+    # model's harmless continuations (KL's reference) always run in full.
     c.generation = ml_collections.ConfigDict(dict(
         max_new_tokens=150, batch_size=32, detector="regex", multiplier=0.0, harmless_eval=True,
         stop_when_scored=True))

@@ -76,8 +76,8 @@ def candidate_layers(num_layers: int) -> list[int]:
 def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence[str], *,
                            layers: Sequence[int] | None = None, detector: str = "regex",
                            max_new_tokens: int = 64, slots: int = 32, ids: Sequence[Sequence[int]] | None = None,
-                           decode=None, eos_ids: Sequence[int] | None = None, pad_id: int | None = None
-                           ) -> tuple[int, dict[int, float]]:
+                           decode=None, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+                           stop_when_scored: bool = True) -> tuple[int, dict[int, float]]:
     """The layer whose direction's ablation gives the lowest refusal rate on held-out harmful prompts.
 
     directions: [L, E] (from :func:`refusal_directions`); harmful_heldout: the held-out slice of the
@@ -85,13 +85,14 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     :func:`candidate_layers`, the middle 20-80% of depth); detector: a scorer spec
     (``cna_jax.refusal.scorer_from_spec``). ids / decode: token lists and an ids -> text function for a
     model without a tokenizer (default ``lm.encode`` / ``lm.decode``); eos_ids / pad_id: as in
-    :func:`cna_jax.engine.run` (default: the tokenizer's).
+    :func:`cna_jax.engine.run` (default: the tokenizer's); stop_when_scored: a row ends once its refusal
+    flag can no longer change (``refusal.settled_rule(detector, quality=False)``; the rates are the same).
     Every candidate x prompt is a row of ONE engine job (one condition per candidate).
     Returns (best layer, {layer: refusal rate}); ties go to the lower layer.
     """
     from cna_jax import engine
     from cna_jax.batching import split_shared_prefix
-    from cna_jax.refusal import refusal_report, scorer_from_spec
+    from cna_jax.refusal import refusal_report, scorer_from_spec, settled_rule, settled_text
 
     L, E = lm.cfg.num_hidden_layers, lm.cfg.hidden_size
     directions = np.asarray(directions)
@@ -116,8 +117,10 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     prefix, suffixes, _ = split_shared_prefix(ids)
     conditions = [engine.Condition(direction=directions[l], ablate=True) for l in layers]
     rows = [(list(s), c) for c in range(len(layers)) for s in suffixes]
+    rule = settled_rule(detector, quality=False) if stop_when_scored else None
     out = engine.run(lm, rows, conditions, max_new_tokens=max_new_tokens, slots=slots, eos_ids=eos_ids,
-                     pad_id=pad_id, prefix=None if prefix is None else np.asarray(prefix).tolist())
+                     pad_id=pad_id, prefix=None if prefix is None else np.asarray(prefix).tolist(),
+                     stop=None if rule is None else lambda r, tokens: rule(settled_text(decode, tokens)))
     n = len(suffixes)
     rates = {}
     for c, layer in enumerate(layers):

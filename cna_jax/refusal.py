@@ -285,25 +285,28 @@ def settled_text(decode: Callable[[list[int]], str], tokens: Sequence[int]) -> s
     return decode(list(tokens[:-SETTLE_TOKENS]))[:-SETTLE_CHARS]
 
 
-def settled_rule(spec: str) -> Optional[Callable[[str], bool]]:
+def settled_rule(spec: str, quality: bool = True) -> Optional[Callable[[str], bool]]:
     """A test on a settled prefix of a generation (:func:`settled_text`) that is True only when the
-    flag of the scorer ``spec`` and :func:`quality_score` are the same for every generation that
-    starts with it, so generating further cannot change a number of the study. None when the scorer
-    gives no such guarantee.
+    flag of the scorer ``spec`` (and, with ``quality``, :func:`quality_score`) is the same for every
+    generation that starts with it, so generating further cannot change a number the caller reads.
+    None when the scorer gives no such guarantee.
 
-    * ``"regex"``: the prefix covers both windows (500 characters), or a pattern already matched and
-      the prefix covers the quality window (200 characters): the patterns have no anchors, so a
-      match inside the window stays a match;
-    * ``"substring"`` / ``"phrases:..."``: a phrase already occurs and the quality window is covered
-      (the whole text is searched, so a text without a phrase is never settled);
+    * ``"regex"``: the prefix covers the detector's window (500 characters; it covers the quality
+      window too), or a pattern already matched (and, with ``quality``, the prefix covers the quality
+      window of 200 characters): the patterns have no anchors, so a match inside the window stays a match;
+    * ``"substring"`` / ``"phrases:..."``: a phrase already occurs (and, with ``quality``, the quality
+      window is covered); the whole text is searched, so a text without a phrase is never settled;
     * ``"regex:..."`` and callables: None (a user pattern may be anchored, a callable may read anything).
+
+    ``quality=False`` serves rows whose quality nobody reads (the null subsets, the direction layer's
+    selection): a refusal settles as soon as it is seen.
     """
+    need = QUALITY_WINDOW if quality else 0
     if spec == "regex":
-        return lambda t: len(t) >= max(REGEX_WINDOW, QUALITY_WINDOW) or (
-            len(t) >= QUALITY_WINDOW and is_refusal_regex(t))
+        return lambda t: len(t) >= max(REGEX_WINDOW, need) or (len(t) >= need and is_refusal_regex(t))
     if spec == "substring" or str(spec).startswith("phrases:"):
         score = scorer_from_spec(spec)
-        return lambda t: len(t) >= QUALITY_WINDOW and bool(score([t])[0])
+        return lambda t: len(t) >= need and bool(score([t])[0])
     return None
 
 

@@ -253,16 +253,18 @@ class Study:
                                     res.nodes, res.frequency)
         return res
 
-    def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str, full: tuple = ()) -> dict:
+    def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str, full: tuple = (),
+                    flag_only: Callable[[str], bool] = lambda item: False) -> dict:
         """Runs (or resumes) one engine job and returns {(item, i): tokens} for every row.
 
         items: (item name, prompts, index into conds); conds: engine Conditions. Each finished row is
         appended to ``rows.jsonl`` in the stage directory, so a killed run loses only the rows in flight
         and a rerun generates the rest. With ``generation.stop_when_scored`` a row stops once its
-        refusal flag and quality can no longer change (``refusal.settled_rule``), except the rows of
-        the items in ``full``, which run to EOS or ``max_new_tokens``."""
+        refusal flag and quality can no longer change (``refusal.settled_rule``), or only its flag for
+        the items where ``flag_only(item)`` (nobody reads their quality), except the rows of the items
+        in ``full``, which run to EOS or ``max_new_tokens``."""
         g = self.c.generation
-        rule = settled_rule(g.detector) if g.stop_when_scored else None
+        rules = (settled_rule(g.detector), settled_rule(g.detector, quality=False)) if g.stop_when_scored else None
         done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
         ids = {}
         for _, prompts, _ in items:
@@ -282,12 +284,13 @@ class Study:
             stage.append_row("rows.jsonl", {"item": where[r][0], "i": where[r][1], "tokens": tokens})
 
         def settled(r, tokens):
-            return where[r][0] not in full and rule(settled_text(lm.decode, tokens))
+            item = where[r][0]
+            return item not in full and rules[flag_only(item)](settled_text(lm.decode, tokens))
 
         engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
                    prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
                    progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE,
-                   stop=None if rule is None else settled)
+                   stop=None if rules is None or rules[0] is None else settled)
         return done
 
     def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:
@@ -324,7 +327,9 @@ class Study:
         def run(stage):
             lm = self.lm("instruct")
             # The unmodified model's harmless continuations run in full: the damage stage scores KL along them.
-            done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job", full=("harmless-none",))
+            # Only the nulls' refusal rates are read, so a null row stops as soon as its flag is settled.
+            done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job", full=("harmless-none",),
+                                    flag_only=lambda item: item.startswith("null-"))
             refusal, rates = {}, {}
             for item, prompts, k, name, ps in items:
                 n_neurons = conditions[name][1] if name is not None else nulls[k - len(conditions)][3]
@@ -366,7 +371,8 @@ class Study:
             if d.layer == -1:
                 layer, rates = direction_lib.select_direction_layer(
                     lm, dirs, [p.train_harmful[i] for i in sel], detector=c.generation.detector,
-                    max_new_tokens=d.selection_tokens, slots=c.generation.batch_size)
+                    max_new_tokens=d.selection_tokens, slots=c.generation.batch_size,
+                    stop_when_scored=c.generation.stop_when_scored)
             else:
                 layer = int(d.layer)
             r = dirs[layer] / np.linalg.norm(dirs[layer])

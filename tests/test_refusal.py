@@ -346,27 +346,34 @@ EARLY_STOP_TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("quality", [True, False], ids=["flag+quality", "flag"])
 @pytest.mark.parametrize("spec", ["regex", "substring", "phrases:sorry, but|decline"])
 @pytest.mark.parametrize("text", EARLY_STOP_TEXTS, ids=[f"text{i}" for i in range(len(EARLY_STOP_TEXTS))])
-def test_settled_prefix_fixes_flag_and_quality_for_every_continuation(text, spec):
-    """Wherever the rule says a prefix is settled, any text starting with it scores the same: the
-    generation's own rest, nothing, a refusal phrase, or noise (not the code's own output: each score is
-    recomputed from the finished text)."""
-    rule = refusal.settled_rule(spec)
+def test_settled_prefix_fixes_flag_and_quality_for_every_continuation(text, spec, quality):
+    """Wherever the rule says a prefix is settled, any text starting with it scores the same (the flag,
+    and with ``quality`` the quality): the generation's own rest, nothing, a refusal phrase, or noise
+    (not the code's own output: each score is recomputed from the finished text)."""
+    rule = refusal.settled_rule(spec, quality=quality)
     settled_at = [j for j in range(len(text) + 1) if rule(text[:j])]
+    keep = (lambda sc: sc) if quality else (lambda sc: sc[0])
     for j in settled_at[:3] + settled_at[-1:]:
-        want = _scores(text[:j], spec)
+        want = keep(_scores(text[:j], spec))
         for rest in (text[j:], "", " I cannot help with that. Sorry, but no.", " zz$\\x" * 40):
-            assert _scores(text[:j] + rest, spec) == want, (j, rest[:20])
+            assert keep(_scores(text[:j] + rest, spec)) == want, (j, rest[:20])
     # Settled exactly where the windows say: the regex detector at 500 characters, or at 200 once a
-    # phrase matched; the whole-text scorers only after a phrase.
+    # phrase matched; the whole-text scorers only after a phrase. Flag only: at the first match.
     flag, _ = _scores(text, spec)
     if spec == "regex" and len(text) >= 500:
         assert settled_at and settled_at[0] <= 500
     if not flag and spec != "regex":
         assert not settled_at
-    if len(text) < 200:
+    if len(text) < 200 and quality:
         assert not settled_at
+    if not quality:
+        first = [j for j in range(len(text) + 1) if _scores(text[:j], spec)[0]][:1]
+        if spec == "regex" and len(text) >= 500:
+            first = [min(first + [500])]
+        assert settled_at[:1] == first
 
 
 def test_settled_rule_only_for_scorers_that_read_a_prefix():

@@ -292,6 +292,26 @@ def test_select_direction_layer_deterministic_and_in_range(tiny_selection):
     assert only == 3 and one[3] == rates[3]
 
 
+def test_select_direction_layer_stops_rows_once_flagged(tiny_selection, monkeypatch):
+    """With stop_when_scored a row ends once its flag is settled: fewer tokens, the same rates and layer."""
+    from cna_jax import engine
+    lm, dirs, heldout = tiny_selection
+    lengths, run = [], engine.run
+
+    def counting_run(*a, **kw):
+        out = run(*a, **kw)
+        lengths.append(sum(map(len, out)))
+        return out
+
+    monkeypatch.setattr(engine, "run", counting_run)
+    kw = dict(ids=heldout, decode=lambda t: " ".join(map(str, t)), detector="phrases:7", max_new_tokens=12,
+              slots=8, eos_ids=[lm.cfg.vocab_size], pad_id=0)
+    full = direction.select_direction_layer(lm, dirs, None, stop_when_scored=False, **kw)
+    early = direction.select_direction_layer(lm, dirs, None, **kw)
+    assert early == full and 0 < max(full[1].values())
+    assert lengths[1] < lengths[0] == 4 * len(heldout) * 12  # no EOS here: every full row runs 12 tokens
+
+
 def test_select_direction_layer_bad_input(tiny_selection):
     lm, dirs, heldout = tiny_selection
     with pytest.raises(ValueError, match=r"out of range \[0, 5\)"):

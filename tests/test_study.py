@@ -450,7 +450,16 @@ def varied_pair(tmp_path_factory):
     return [save_tiny_chat(root, "llama", seed=seed, initializer_range=0.3, **_HF_SHAPE)[0] for seed in (0, 1)]
 
 
-def test_study_with_custom_scorer_and_statistics(varied_pair, tmp_path):
+@pytest.fixture(scope="module")
+def varied_study(varied_pair, tmp_path_factory):
+    """The tiny study of the varied pair with a ``module:function`` scorer: (config, workdir, results)."""
+    c = tiny_config(varied_pair)
+    c.generation.detector = "custom_scorer:has_letter_y"
+    workdir = tmp_path_factory.mktemp("varied_study") / "w"
+    return c, workdir, Study(c, str(workdir), progress=False).run()
+
+
+def test_study_with_custom_scorer_and_statistics(varied_study):
     """A ``module:function`` behaviour scorer drives every rate of the study, and the statistics in the
     results match statsmodels on the stored per-prompt flags."""
     import glob
@@ -460,13 +469,11 @@ def test_study_with_custom_scorer_and_statistics(varied_pair, tmp_path):
 
     from custom_scorer import has_letter_y
 
-    c = tiny_config(varied_pair)
-    c.generation.detector = "custom_scorer:has_letter_y"
-    results = Study(c, str(tmp_path / "w"), progress=False).run()
+    c, workdir, results = varied_study
     assert results["detector"] == "custom_scorer:has_letter_y"
 
     items = {}
-    for path in glob.glob(str(tmp_path / "w" / "stages" / "*" / "items" / "*.json")):
+    for path in glob.glob(str(workdir / "stages" / "*" / "items" / "*.json")):
         item = json.load(open(path))
         # Every stored item was scored by the custom scorer on its own generations.
         assert item["flags"] == has_letter_y(item["generations"]), item["item"]
@@ -502,7 +509,7 @@ def test_study_with_custom_scorer_and_statistics(varied_pair, tmp_path):
         assert row["empirical_p"] == (1 + sum(k <= graph_count for k in counts)) / (1 + len(counts))
     # The tables carry the new columns, and every cell is in report.md.
     from cna_jax.report import tables
-    report = open(tmp_path / "w" / "report" / "report.md").read()
+    report = open(workdir / "report" / "report.md").read()
     t = tables([results])
     assert t["a_refusal"][0][4] == "Base 95% CI" and t["d_nulls"][0][-1] == "empirical p"
     lo, hi = results["refusal_ci"]["harmful/none"]
@@ -533,3 +540,33 @@ def test_refusal_statistics_hand_computed_and_without_flags():
     # k = 0: the upper bound is z^2 / (n + z^2) (1e-12: the same float64 formula in another order).
     z = 1.959963984540054
     assert st["ci"]["harmless/cna"][1] == pytest.approx(z * z / (4 + z * z), abs=1e-12)
+
+
+def test_null_rows_stop_once_their_flag_is_settled(varied_study, tmp_path):
+    """generation.stop_when_scored: a null row (only its flag is read) ends once a phrase is seen, a
+    condition's row (flag and quality read) only once the quality window is covered too; every rate,
+    quality and table is the same as without stopping (on the varied pair's study, reusing its stages
+    before the generation job)."""
+    c, workdir, _ = varied_study
+    out = {}
+    for stop in (False, True):
+        d = tmp_path / f"stop{stop}"
+        shutil.copytree(workdir / "stages", d / "stages", ignore=lambda _, names: [
+            n for n in names if n.split("-")[0] in ("direction", "generation", "damage", "sweeps")])
+        cc = copy.deepcopy(c)
+        cc.generation.detector, cc.generation.max_new_tokens = "phrases:y", 12
+        cc.generation.stop_when_scored = stop
+        cc.direction.enabled = cc.damage.enabled = cc.sweeps.enabled = False
+        ran = []
+        results = Study(cc, str(d), progress=False, on_stage=ran.append).run()
+        assert ran == ["generation"]
+        gen = [x for x in os.listdir(d / "stages") if x.startswith("generation")][0]
+        rows = [json.loads(line) for line in open(d / "stages" / gen / "rows.jsonl")]
+        out[stop] = _numbers(results), {(r["item"], r["i"]): r["tokens"] for r in rows}
+    (plain, full), (early, cut) = out[False], out[True]
+    assert early == plain and 0 < max(n["rate"] for n in plain["null_items"])
+    assert full.keys() == cut.keys()
+    nulls = [k for k in full if k[0].startswith("null-")]
+    assert all(cut[k] == full[k][:len(cut[k])] for k in nulls)
+    assert sum(map(len, (cut[k] for k in nulls))) < sum(map(len, (full[k] for k in nulls)))
+    assert all(cut[k] == full[k] for k in full if k not in nulls)  # 12 tokens never cover 200 characters
