@@ -67,7 +67,7 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     # detector: the behaviour scorer, "regex" | "substring" | "phrases:a|b" | "regex:<pattern>" |
     # "module:function" (cna_jax.refusal.scorer_from_spec).
     # stop_when_scored: a row stops once its flag and quality can no longer change (the regex detector
-    # reads 500 characters, quality 200; cna_jax.refusal.settled_rule): the same numbers, ~27% fewer
+    # reads 500 characters, quality 200; cna_jax.refusal.settled_rule): the same numbers, ~34% fewer
     # tokens at the method's settings; its saved text is then that prefix. Null-subset rows and the
     # direction layer's selection (only rates read) stop once the flag alone is settled. The unmodified
     # model's harmless continuations (KL's reference) always run in full.
