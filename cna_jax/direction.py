@@ -92,7 +92,7 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     """
     from cna_jax import engine
     from cna_jax.batching import split_shared_prefix
-    from cna_jax.refusal import refusal_report, scorer_from_spec, settled_rule, settled_text
+    from cna_jax.refusal import refusal_report, scorer_from_spec, settled_stop
 
     L, E = lm.cfg.num_hidden_layers, lm.cfg.hidden_size
     directions = np.asarray(directions)
@@ -117,10 +117,10 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     prefix, suffixes, _ = split_shared_prefix(ids)
     conditions = [engine.Condition(direction=directions[l], ablate=True) for l in layers]
     rows = [(list(s), c) for c in range(len(layers)) for s in suffixes]
-    rule = settled_rule(detector, quality=False) if stop_when_scored else None
+    settled = settled_stop(detector, decode, quality=False) if stop_when_scored else None
     out = engine.run(lm, rows, conditions, max_new_tokens=max_new_tokens, slots=slots, eos_ids=eos_ids,
                      pad_id=pad_id, prefix=None if prefix is None else np.asarray(prefix).tolist(),
-                     stop=None if rule is None else lambda r, tokens: rule(settled_text(decode, tokens)))
+                     stop=None if settled is None else lambda r, tokens: settled(tokens))
     n = len(suffixes)
     rates = {}
     for c, layer in enumerate(layers):

@@ -310,6 +310,14 @@ def settled_rule(spec: str, quality: bool = True) -> Optional[Callable[[str], bo
     return None
 
 
+def settled_stop(spec: str, decode: Callable[[list[int]], str], quality: bool = True
+                 ) -> Optional[Callable[[Sequence[int]], bool]]:
+    """``tokens -> bool``: :func:`settled_rule` applied to :func:`settled_text` of the tokens (never to the
+    raw decoded text, whose tail may still change), or None when the scorer gives no guarantee."""
+    rule = settled_rule(spec, quality)
+    return None if rule is None else lambda tokens: rule(settled_text(decode, tokens))
+
+
 # --- report ---------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from cna_jax.batching import split_shared_prefix
 from cna_jax.lm import LM
 from cna_jax.models.config import from_hf_dict
 from cna_jax.neurons import NeuronSet
-from cna_jax.refusal import refusal_report, settled_rule, settled_text
+from cna_jax.refusal import refusal_report, settled_stop
 from cna_jax.store import Stage, config_hash
 
 log = logging.getLogger("cna_jax.study")
@@ -264,7 +264,8 @@ class Study:
         the items where ``flag_only(item)`` (nobody reads their quality), except the rows of the items
         in ``full``, which run to EOS or ``max_new_tokens``."""
         g = self.c.generation
-        rules = (settled_rule(g.detector), settled_rule(g.detector, quality=False)) if g.stop_when_scored else None
+        scored = settled_stop(g.detector, lm.decode) if g.stop_when_scored else None
+        flagged = settled_stop(g.detector, lm.decode, quality=False) if g.stop_when_scored else None
         done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
         ids = {}
         for _, prompts, _ in items:
@@ -285,12 +286,12 @@ class Study:
 
         def settled(r, tokens):
             item = where[r][0]
-            return item not in full and rules[flag_only(item)](settled_text(lm.decode, tokens))
+            return item not in full and (flagged if flag_only(item) else scored)(tokens)
 
         engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
                    prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
                    progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE,
-                   stop=None if rules is None or rules[0] is None else settled)
+                   stop=None if scored is None else settled)
         return done
 
     def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:
