@@ -66,12 +66,14 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     if min(map(len, cont)) < 1:
         raise ValueError("every continuation needs at least one token")
     n = max(map(len, cont))
-    table = stack_conditions(lm.cfg, list(conditions) + [Condition()])  # the last is the unmodified model
-    ref_idx = len(conditions)
-    if lm.layout is not None:
-        table = sharded_table(lm.layout, table)
-    else:
-        table = tuple(jnp.asarray(x) for x in table)
+    for i, cond in enumerate(conditions):  # every condition is checked before any work
+        cond.check(lm.cfg, f"condition {i}")
+    # One two-row table per condition (that condition, then the unmodified model): the compiled
+    # programs then depend on the batch shape only, so every kl_along call of a study (damage, sweeps)
+    # shares them whatever its number of conditions.
+    put = ((lambda t: sharded_table(lm.layout, t)) if lm.layout is not None
+           else (lambda t: tuple(jnp.asarray(x) for x in t)))
+    tables = [put(stack_conditions(lm.cfg, [cond, Condition()])) for cond in conditions]
     seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     out = np.full((len(conditions), len(seqs), n), np.nan)
     pad = lm.pad_id() if lm.tokenizer is not None else 0
@@ -79,17 +81,20 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     batches = padded_batches(seqs, batch_size, pad, progress=progress, desc=desc, multiple=lm.batch_multiple())
     for rows, tokens, valid in batches:
         b, t = tokens.shape
+        # Scored positions per row: a continuation is shorter than its sequence, so min(t, n) columns
+        # hold every row's (short batches skip the head and softmax at positions none of them has).
+        m = min(t, n)
         lens = np.array([len(cont[r]) for r in rows] + [len(cont[rows[0]])] * (b - len(rows)))  # fillers repeat
         # Position t-1-len+j reads the prompt's last token (j = 0) or continuation token j-1, predicting token j.
-        select = np.minimum(t - 1 - lens[:, None] + np.arange(n)[None, :], t - 1).astype(np.int32)
+        select = np.minimum(t - 1 - lens[:, None] + np.arange(m)[None, :], t - 1).astype(np.int32)
         arrays = (tokens, valid, select)
         if lm.layout is not None:
             arrays = lm.global_batch(*arrays)
         rep = lambda c: (lm.global_batch(np.full((b,), c, np.int32))[0] if lm.layout is not None
                          else jnp.full((b,), c, jnp.int32))
-        ref = logprobs_fn(lm.params, *arrays, table, rep(ref_idx), **stat)
+        ref = logprobs_fn(lm.params, *arrays, tables[0], rep(1), **stat)
         for c in range(len(conditions)):
-            kl = lm.to_host(kl_fn(ref, lm.params, *arrays, table, rep(c), **stat))
+            kl = lm.to_host(kl_fn(ref, lm.params, *arrays, tables[c], rep(0), **stat))
             for i, r in enumerate(rows):
                 out[c, r, :lens[i]] = kl[i, :lens[i]]
     return out

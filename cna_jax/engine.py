@@ -33,6 +33,8 @@ order; a row lives at most ``max_new_tokens - 1`` decode steps, so it never over
 Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``)
 and one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
 10-21-token suffixes); all are cached across jobs with the same (S, T, Q, C bucket, max_new_tokens).
+``run(..., min_table_rows=)`` gives jobs with different numbers of conditions one C bucket, so they share
+them (the study's generation and sweeps jobs).
 
 Memory of the condition table: ``C x L x I`` float32. Llama-3.1-70B (80 x 28,672) with 64 conditions is
 587 MB, split over the tensor axis (73 MB per device at tensor=8); SmolLM2 with 64 is 11.8 MB.
@@ -88,12 +90,13 @@ def condition_bucket(c: int) -> int:
     return 1 << max(c - 1, 0).bit_length()
 
 
-def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition]) -> tuple[np.ndarray, ...]:
-    """Host arrays (neuron_mult [C, L, I], direction [C, E], ablate [C], add [C, L]) with C bucketed."""
+def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition], min_rows: int = 0) -> tuple[np.ndarray, ...]:
+    """Host arrays (neuron_mult [C, L, I], direction [C, E], ablate [C], add [C, L]) with C the bucket of
+    ``max(len(conditions), min_rows)`` (the rest neutral)."""
     if not conditions:
         raise ValueError("a job needs at least one condition")
     L, I, E = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size
-    c = condition_bucket(len(conditions))
+    c = condition_bucket(max(len(conditions), min_rows))
     mult = np.ones((c, L, I), np.float32)
     direction = np.zeros((c, E), np.float32)
     ablate = np.zeros((c,), np.float32)
@@ -501,7 +504,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         max_new_tokens: int = 150, slots: int = 32, chunk: int = DECODE_CHUNK, prefix: Sequence[int] | None = None,
         on_finish: Callable[[int, list[int]], None] | None = None, progress: bool = False, desc: str = "generating",
         length_multiple: int = JOB_LENGTH_MULTIPLE, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-        stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        stop: Callable[[int, list[int]], bool] | None = None, min_table_rows: int = 0) -> list[list[int]]:
     """Greedy generations for every row of a job; returns each row's new tokens (up to and including EOS).
 
     rows: (token ids of the prompt *after* ``prefix``, condition index) per row; prefix: token ids every
@@ -509,7 +512,10 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     in any order. ``lm`` provides cfg, params, dtype, the optional mesh layout and, unless given here,
     the EOS ids and pad id (from its tokenizer). stop(row, tokens so far) is asked after every decode
     chunk for each running row; True ends the row there, as EOS would (the study stops a row once its
-    scores can no longer change, :func:`cna_jax.refusal.settled_rule`).
+    scores can no longer change, :func:`cna_jax.refusal.settled_rule`). min_table_rows: pad the condition
+    table to the bucket of at least this many conditions; jobs of the same shapes that pass the same
+    value share every compiled program (the study's generation and sweeps jobs: ~50 s of compiles on a
+    2-core CPU).
     """
     from cna_jax.batching import bucket, left_pad
 
@@ -523,7 +529,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
             raise ValueError(f"row {r} names condition {c}, but the job has {len(conditions)}")
         if not len(ids):
             raise ValueError(f"row {r} has no tokens after the shared prefix")
-    table_host = stack_conditions(cfg, conditions)
+    table_host = stack_conditions(cfg, conditions, min_table_rows)
     mult = lm.batch_multiple()
     slots = -(-min(slots, len(rows)) // mult) * mult
     q = 0 if not prefix else len(prefix)

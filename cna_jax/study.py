@@ -254,7 +254,7 @@ class Study:
         return res
 
     def _engine_job(self, stage, lm, items: list[tuple], conds: list, desc: str, full: tuple = (),
-                    flag_only: Callable[[str], bool] = lambda item: False) -> dict:
+                    flag_only: Callable[[str], bool] = lambda item: False, table_rows: int = 0) -> dict:
         """Runs (or resumes) one engine job and returns {(item, i): tokens} for every row.
 
         items: (item name, prompts, index into conds); conds: engine Conditions. Each finished row is
@@ -262,7 +262,8 @@ class Study:
         and a rerun generates the rest. With ``generation.stop_when_scored`` a row stops once its
         refusal flag and quality can no longer change (``refusal.settled_rule``), or only its flag for
         the items where ``flag_only(item)`` (nobody reads their quality), except the rows of the items
-        in ``full``, which run to EOS or ``max_new_tokens``."""
+        in ``full``, which run to EOS or ``max_new_tokens``. table_rows: the engine's ``min_table_rows``
+        (jobs passing the same value share compiled programs)."""
         g = self.c.generation
         scored = settled_stop(g.detector, lm.decode) if g.stop_when_scored else None
         flagged = settled_stop(g.detector, lm.decode, quality=False) if g.stop_when_scored else None
@@ -291,7 +292,7 @@ class Study:
         engine.run(lm, todo, conds, max_new_tokens=g.max_new_tokens, slots=g.batch_size,
                    prefix=None if prefix is None else np.asarray(prefix).tolist(), on_finish=finished,
                    progress=self.progress, desc=desc, length_multiple=engine.JOB_LENGTH_MULTIPLE,
-                   stop=None if scored is None else settled)
+                   stop=None if scored is None else settled, min_table_rows=table_rows)
         return done
 
     def _score(self, stage, lm, item: str, prompts: list[str], done: dict, n_neurons: int) -> dict:
@@ -309,7 +310,7 @@ class Study:
         p = self.prompts
         return {"harmful": p.eval_harmful, **({"harmless": p.eval_harmless} if self.c.generation.harmless_eval else {})}
 
-    def stage_generation(self, conditions: dict[str, tuple], nulls: list[tuple], key
+    def stage_generation(self, conditions: dict[str, tuple], nulls: list[tuple], key, table_rows: int = 0
                          ) -> tuple[dict[str, dict], list[dict], list | None]:
         """Every held-out generation of the study as one engine job (docs/METHOD.md §4.2).
 
@@ -318,7 +319,7 @@ class Study:
         disk as they do. conditions: name -> (engine.Condition, number of neurons it touches);
         nulls: (family, i, engine.Condition, size, overlap_allowed, indices into the pool).
         Returns (refusal: "<prompt set>/<name>" -> item summary, nulls: one dict per null subset,
-        the unmodified model's harmless token lists or None)."""
+        the unmodified model's harmless token lists or None). table_rows: as for :meth:`_engine_job`."""
         sets = self._prompt_sets()
         conds = [cond for cond, _ in conditions.values()] + [n[2] for n in nulls]
         items = [(f"{ps}-{name}", sets[ps], k, name, ps) for k, name in enumerate(conditions) for ps in sets]
@@ -330,7 +331,7 @@ class Study:
             # The unmodified model's harmless continuations run in full: the damage stage scores KL along them.
             # Only the nulls' refusal rates are read, so a null row stops as soon as its flag is settled.
             done = self._engine_job(stage, lm, [x[:3] for x in items], conds, "generation job", full=("harmless-none",),
-                                    flag_only=lambda item: item.startswith("null-"))
+                                    flag_only=lambda item: item.startswith("null-"), table_rows=table_rows)
             refusal, rates = {}, {}
             for item, prompts, k, name, ps in items:
                 n_neurons = conditions[name][1] if name is not None else nulls[k - len(conditions)][3]
@@ -440,16 +441,18 @@ class Study:
                                    same_as="act_add" if a == 1.0 else None))
         return points
 
-    def stage_sweeps(self, points: list[dict], plain_tokens: list | None, key) -> list[dict]:
+    def stage_sweeps(self, points: list[dict], plain_tokens: list | None, key, table_rows: int = 0) -> list[dict]:
         """Refusal (harmful, harmless), quality and KL at every sweep point not equal to a main
-        condition, as one engine job; returns one dict per new point (in ``points`` order)."""
+        condition, as one engine job; returns one dict per new point (in ``points`` order).
+        table_rows: as for :meth:`_engine_job`."""
         new = [p for p in points if p["same_as"] is None]
         sets = self._prompt_sets()
 
         def run(stage):
             lm = self.lm("instruct")
             items = [(f"{ps}-{p['sweep']}-{p['value']:g}", sets[ps], j, ps) for j, p in enumerate(new) for ps in sets]
-            done = self._engine_job(stage, lm, [x[:3] for x in items], [p["condition"] for p in new], "sweeps job")
+            done = self._engine_job(stage, lm, [x[:3] for x in items], [p["condition"] for p in new], "sweeps job",
+                                    table_rows=table_rows)
             out = [{"sweep": p["sweep"], "value": p["value"], "n_neurons": p["n_neurons"]} for p in new]
             for item, prompts, j, ps in items:
                 r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
@@ -496,14 +499,17 @@ class Study:
                      for family, n in (("layer_matched", nc.n_layer_matched), ("uniform", nc.n_uniform))
                      for i, (idx, overlap) in enumerate(null_subsets(pool, subsets["contrast_instruct"], n, family,
                                                                      nc.seed))]
-        refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls))
+        points = self.sweep_points(pool, direction) if c.sweeps.enabled else []
+        # The generation and sweeps jobs (same prompts, slots and lengths) share their compiled programs
+        # when their condition tables have one size.
+        rows = max(len(conditions) + len(null_sets), sum(p["same_as"] is None for p in points))
+        refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls), rows)
         kl = None
         if c.damage.enabled and plain is not None:
             kl = self.stage_damage(conditions, plain, (refusal_key, c.damage))
         sweeps = None
         if c.sweeps.enabled:
-            points = self.sweep_points(pool, direction)
-            new = self.stage_sweeps(points, plain, (refusal_key, c.sweeps, c.damage, c.data.n_eval))
+            new = self.stage_sweeps(points, plain, (refusal_key, c.sweeps, c.damage, c.data.n_eval), rows)
             sweeps = sweep_rows(points, new, refusal, kl)
         results = summarize(c, pool, graphs, subsets, refusal, nulls)
         results.update(damage=kl, sweeps=sweeps, direction=None if direction is None else {

@@ -141,6 +141,30 @@ def test_stop_ends_rows_early(tiny_job):
     _check_stop(LM(cfg, params, tokenizer=None, chat=False), tiny_job)
 
 
+def test_jobs_with_one_table_size_share_compiled_programs(tiny_job):
+    """Two jobs with 3 and 2 conditions and ``min_table_rows=8`` run the same compiled prefix, prefill and
+    decode programs (the study's generation and sweeps jobs), with HF's tokens; without it the
+    2-condition job's table (bucket 2 instead of 4) compiles its own."""
+    _, cfg, params, prefix, rows, conds, eos, want, suffixes = tiny_job
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+    decode = engine._decode("cpu")
+    fns = (engine._prefix, engine._prefill, decode)
+
+    def job(n_conds, **kw):
+        job_rows = [r for r in rows if r[1] < n_conds]
+        got = engine.run(lm, job_rows, [engine.Condition(m) for m in conds[:n_conds]], max_new_tokens=12, slots=8,
+                         chunk=3, prefix=prefix, eos_ids=[eos], pad_id=0, length_multiple=4, **kw)
+        for (tok, c), out in zip(job_rows, got):
+            assert out == want[c][suffixes.index(tok)], (c, suffixes.index(tok))
+
+    job(3, min_table_rows=8)
+    compiled = [f._cache_size() for f in fns]
+    job(2, min_table_rows=8)
+    assert [f._cache_size() for f in fns] == compiled
+    job(2)
+    assert all(f._cache_size() > n for f, n in zip(fns, compiled))
+
+
 def test_condition_table_bucketing_and_bad_input(tiny_job):
     _, cfg, params, *_ = tiny_job
     mult, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition()] * 3)

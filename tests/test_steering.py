@@ -381,3 +381,16 @@ def test_tiny_qwen2_kl_damage_matches_hf_hooks(tmp_path):
     # batch: logits differ in the last float32 bits, ~1e-6 relative, so the KLs by ~1e-6 absolute).
     short = damage.kl_along(lm, ids, conts, conditions[:1], max_positions=3, batch_size=3)
     np.testing.assert_allclose(short[0], kl[0, :, :3], rtol=1e-4, atol=2e-6)
+    # Each condition runs against its own two-row table, so a call with fewer conditions reuses every
+    # compiled program (one per batch shape) and gives the same values, exactly.
+    compiled = damage.kl_fn._cache_size(), damage.logprobs_fn._cache_size()
+    np.testing.assert_array_equal(damage.kl_along(lm, ids, conts, conditions[1:3], batch_size=2), kl[1:3])
+    assert (damage.kl_fn._cache_size(), damage.logprobs_fn._cache_size()) == compiled
+    # A 40-token continuation: the batch of the two short rows (padded to 32 tokens) scores 32 positions,
+    # the long row's batch all 40; every row still matches HF.
+    long = [conts[0], _hf_generate(hf, engine.Condition(), ids[1:2], 40, [cfg.vocab_size], 0)[0], conts[2]]
+    assert len(long[1]) == 40
+    got = damage.kl_along(lm, ids, long, conditions[:1], batch_size=2)
+    for p, w in enumerate(_hf_kl(hf, conditions[0], ids, long)):
+        assert np.isnan(got[0, p, len(w):]).all()
+        np.testing.assert_allclose(got[0, p, :len(w)], w, rtol=1e-3, atol=2e-5)
