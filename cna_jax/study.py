@@ -445,7 +445,7 @@ class Study:
         """Refusal (harmful, harmless), quality and KL at every sweep point not equal to a main
         condition, as one engine job; returns one dict per new point (in ``points`` order).
         table_rows: as for :meth:`_engine_job`."""
-        new = [p for p in points if p["same_as"] is None]
+        new = new_sweep_points(points)
         sets = self._prompt_sets()
 
         def run(stage):
@@ -502,7 +502,7 @@ class Study:
         points = self.sweep_points(pool, direction) if c.sweeps.enabled else []
         # The generation and sweeps jobs (same prompts, slots and lengths) share their compiled programs
         # when their condition tables have one size.
-        rows = max(len(conditions) + len(null_sets), sum(p["same_as"] is None for p in points))
+        rows = max(len(conditions) + len(null_sets), len(new_sweep_points(points)))
         refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls), rows)
         kl = None
         if c.damage.enabled and plain is not None:
@@ -521,6 +521,11 @@ class Study:
             report.write(self.report_dir, results, {k: g.adjacency for k, g in graphs.items()}, pool)
         barrier("study-report")  # the other processes may read the report next
         return results
+
+
+def new_sweep_points(points: list[dict]) -> list[dict]:
+    """The sweep points the sweeps job generates: those equal to no main condition (``same_as`` None)."""
+    return [p for p in points if p["same_as"] is None]
 
 
 def sweep_rows(points: list[dict], new: list[dict], refusal: dict, damage: dict | None) -> list[dict]:
