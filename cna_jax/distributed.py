@@ -12,9 +12,12 @@ read from shared files are process 0's (:func:`agree`), and readers wait for the
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: the functions import JAX themselves
+    import jax
 
 _INITIALIZED = False
 

@@ -208,16 +208,27 @@ def _program_calls(cfg, layout, program: str, *, batch: int, context: int, new_t
     raise ValueError(f"unknown program {program!r} (generation, collection)")
 
 
-def _compiled_sizes(calls, on_cpu: bool) -> list[dict]:
-    """Per call: the compiled program's argument, output, temporary and aliased bytes and compile seconds."""
+def _nbytes(tree, dtype=None) -> int:
+    """Per-device bytes of abstract sharded arrays (in ``dtype`` if given, else each array's own)."""
+    import jax
+    import jax.numpy as jnp
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _compiled_sizes(params, calls, on_cpu: bool) -> list[dict]:
+    """Per call: the compiled program's argument, output, temporary and aliased bytes, the bytes of its
+    other inputs (its arguments but the parameters, and the buffers alive beside it) and compile seconds."""
     import time
 
     out = []
-    for _, fn, args, _ in calls:
+    for _, fn, args, alive in calls:
         t = time.perf_counter()
         ma = fn.lower(*args).compile(compiler_options=CPU_PLAN_COMPILER_OPTIONS if on_cpu else None).memory_analysis()
         out.append(dict(arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
                         temporaries=int(ma.temp_size_in_bytes), aliased=int(ma.alias_size_in_bytes),
+                        other_inputs=_nbytes([a for a in (*args, *alive) if a is not params]),
                         compile_s=time.perf_counter() - t))
     return out
 
@@ -237,11 +248,11 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     ``probe`` (generation only): compile copies of the model at :data:`PROBE_DEPTHS` layers instead of all
     of them (the layers are unrolled, so the engine's 80-layer calls take minutes to compile on a CPU) and
     extrapolate the compiled sizes linearly in depth (every layer is the same program on the same shapes).
-    Parameters and cache stay exact. tests/test_plan.py checks it against full compiles at 12 and 16
+    Parameters and cache stay exact, and so do the other inputs (the staging buffer and condition table
+    hold one block per layer: linear, extrapolated from the probes). tests/test_plan.py checks it against full compiles at 12 and 16
     layers (within 2%). Collection is always compiled in full: its temporaries are not linear in depth
     (they grow up to ~8 layers, then XLA reuses the buffers across layers and they drop).
     """
-    import jax
     import jax.numpy as jnp
 
     from cna_jax import sharding as S
@@ -249,43 +260,43 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     dtype = jnp.dtype(dtype)
     cdtype = jnp.dtype(compile_dtype or dtype)
     kw = dict(batch=batch, context=context, new_tokens=new_tokens, cdtype=cdtype, nodes=nodes)
-    params, calls = _program_calls(cfg, layout, program, **kw)
     if program == "generation":
         cache = S.cache_bytes_per_device(cfg, layout, batch, context, dtype)
         compiled_cache = S.cache_bytes_per_device(cfg, layout, batch, context, cdtype)
     else:
         cache = compiled_cache = 0
 
-    def nbytes(tree, dt=None):
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dt or x.dtype).itemsize
-                   for x in jax.tree.leaves(tree))
-
     on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
     depth = cfg.num_hidden_layers
     if probe and program == "generation" and depth > PROBE_DEPTHS[-1]:
+        # Everything but the compile seconds is linear in depth (the inputs too: cache, staging buffer and
+        # condition table hold one block per layer), so the full-depth calls are never traced.
         (d1, d2) = PROBE_DEPTHS
-        low, high = (_compiled_sizes(_program_calls(dataclasses.replace(cfg, num_hidden_layers=d), layout, program,
-                                                    **kw)[1], on_cpu) for d in PROBE_DEPTHS)
+        probes = [_program_calls(dataclasses.replace(cfg, num_hidden_layers=d), layout, program, **kw)
+                  for d in PROBE_DEPTHS]
+        calls = probes[0][1]
+        low, high = (_compiled_sizes(*p, on_cpu) for p in probes)
         sizes = [{k: (a[k] + (b[k] - a[k]) * (depth - d1) / (d2 - d1) if k != "compile_s" else a[k] + b[k])
                   for k in a} for a, b in zip(low, high)]
     else:
-        sizes = _compiled_sizes(calls, on_cpu)
-    param_bytes = nbytes(params, dtype)
+        params, calls = _program_calls(cfg, layout, program, **kw)
+        sizes = _compiled_sizes(params, calls, on_cpu)
+    param_bytes = _nbytes(S.abstract_sharded_params(cfg, layout, cdtype), dtype)
     plans = []
-    for (call, _, args, alive), m in zip(calls, sizes):
+    for (call, *_), m in zip(calls, sizes):
         # All parameters stay resident even where a program reads only some (collection skips lm_head, and
         # XLA drops unused arguments), so the total counts them all plus the other inputs and the buffers
         # alive during the call; the engine's state (the KV cache) at the model's dtype, whatever the compile's.
-        inputs = (param_bytes + nbytes([a for a in (*args, *alive) if a is not params]) - compiled_cache + cache)
+        inputs = param_bytes + m["other_inputs"] - compiled_cache + cache
         arguments, outputs, temps, aliased = (int(round(m[k])) for k in ("arguments", "outputs", "temporaries",
                                                                           "aliased"))
         plans.append(ProgramPlan(
             program=program, mesh=tuple(layout.mesh.shape[a] for a in S.AXES), rules=layout.preset,
             kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
             arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
-            total=inputs + outputs + temps - aliased, device_memory=int(device_memory), headroom=headroom,
-            platform=layout.mesh.devices.flat[0].platform, compile_s=m["compile_s"], compile_dtype=cdtype.name,
-            call=call))
+            total=int(round(inputs + outputs + temps - aliased)), device_memory=int(device_memory),
+            headroom=headroom, platform=layout.mesh.devices.flat[0].platform, compile_s=m["compile_s"],
+            compile_dtype=cdtype.name, call=call))
     peak = max(plans, key=lambda r: r.total)
     return dataclasses.replace(peak, compile_s=sum(r.compile_s for r in plans))
 

@@ -36,7 +36,7 @@ def main(argv):
 
     t = time.time()
     study = Study(c, F.workdir, progress=F.progress)
-    results = study.run()
+    study.run()
     report = os.path.join(F.workdir, "report", "report.md")
     if distributed.is_writer():  # one copy of the report, from the process that wrote it
         print(open(report).read())
