@@ -7,6 +7,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent XLA compilation cache for the run, inherited by every xdist worker and every process the
+# tests start (notebook kernels, launch scripts, local clusters): a program (SmolLM2's prefill, decode, ...)
+# compiles once per run instead of once per process (29.5 -> 8.7 s for the walkthrough's first generate).
+# The same executables, so the same results; jit's in-memory caches, which tests count, stay per process.
+# A cache directory the caller set is used as it is (and kept).
+_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_XLA_CACHE:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cna_jax_tests_xla_")
 
 import jax  # noqa: E402
 
@@ -92,6 +102,13 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (_os.cpu_count() or 1) // int(_os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     if getattr(config.option, "dist", "no") in ("loadfile", "loadscope"):
         config.option.loadscopereorder = False  # xdist's default hands out the files with the most tests first
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:  # only the process that made it (workers inherit the variable)
+        import shutil
+
+        shutil.rmtree(_os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
