@@ -248,9 +248,10 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     ``probe`` (generation only): compile copies of the model at :data:`PROBE_DEPTHS` layers instead of all
     of them (the layers are unrolled, so the engine's 80-layer calls take minutes to compile on a CPU) and
     extrapolate the compiled sizes linearly in depth (every layer is the same program on the same shapes).
-    Parameters and cache stay exact, and so do the other inputs (the staging buffer and condition table
-    hold one block per layer: linear, extrapolated from the probes). tests/test_plan.py checks it against full compiles at 12 and 16
-    layers (within 2%). Collection is always compiled in full: its temporaries are not linear in depth
+    Parameters and cache stay exact, and so do the other inputs (state, staging buffer and condition table
+    hold one block per layer: extrapolated from the probes, they are the full-depth bytes, so the full-depth
+    calls are never traced). tests/test_plan.py checks it against full compiles at 12 and 16 layers (within
+    2%). Collection is always compiled in full: its temporaries are not linear in depth
     (they grow up to ~8 layers, then XLA reuses the buffers across layers and they drop).
     """
     import jax.numpy as jnp
@@ -269,8 +270,6 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
     depth = cfg.num_hidden_layers
     if probe and program == "generation" and depth > PROBE_DEPTHS[-1]:
-        # Everything but the compile seconds is linear in depth (the inputs too: cache, staging buffer and
-        # condition table hold one block per layer), so the full-depth calls are never traced.
         (d1, d2) = PROBE_DEPTHS
         probes = [_program_calls(dataclasses.replace(cfg, num_hidden_layers=d), layout, program, **kw)
                   for d in PROBE_DEPTHS]
