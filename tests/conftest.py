@@ -89,7 +89,7 @@ def smollm2_hf(tmp_path_factory):
 # short files fill in at the end (unlisted files keep their order, after these).
 SLOW_FILES = ("test_study.py", "test_plan.py", "test_notebooks.py", "test_steering.py", "test_generate.py",
               "test_sharding.py", "test_collect_cna.py", "test_engine.py", "test_load.py", "test_multiprocess.py",
-              "test_graph.py", "test_models.py", "test_export.py", "test_testbed.py")
+              "test_graph.py", "test_bench_gpu.py", "test_models.py", "test_export.py", "test_testbed.py")
 
 
 def pytest_configure(config):
