@@ -251,8 +251,8 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     Parameters and cache stay exact, and so do the other inputs (state, staging buffer and condition table
     hold one block per layer: extrapolated from the probes, they are the full-depth bytes, so the full-depth
     calls are never traced). tests/test_plan.py checks it against full compiles at 12 and 16 layers (within
-    2%). Collection is always compiled in full: its temporaries are not linear in depth
-    (they grow up to ~8 layers, then XLA reuses the buffers across layers and they drop).
+    2%). Collection is always compiled in full: its temporaries are not linear in depth (they grow up to ~8
+    layers, then XLA reuses the buffers across layers and they drop).
     """
     import jax.numpy as jnp
 
