@@ -277,10 +277,11 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
         low, high = (_compiled_sizes(*p, on_cpu) for p in probes)
         sizes = [{k: (a[k] + (b[k] - a[k]) * (depth - d1) / (d2 - d1) if k != "compile_s" else a[k] + b[k])
                   for k in a} for a, b in zip(low, high)]
+        params = S.abstract_sharded_params(cfg, layout, cdtype)
     else:
         params, calls = _program_calls(cfg, layout, program, **kw)
         sizes = _compiled_sizes(params, calls, on_cpu)
-    param_bytes = _nbytes(S.abstract_sharded_params(cfg, layout, cdtype), dtype)
+    param_bytes = _nbytes(params, dtype)
     plans = []
     for (call, *_), m in zip(calls, sizes):
         # All parameters stay resident even where a program reads only some (collection skips lm_head, and
