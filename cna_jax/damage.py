@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cna_jax.batching import padded_batches
-from cna_jax.engine import Condition, sharded_table, stack_conditions
+from cna_jax.engine import Condition, put_host_table, sharded_table, stack_conditions
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
 
@@ -71,9 +71,8 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     # One two-row table per condition (that condition, then the unmodified model): the compiled
     # programs then depend on the batch shape only, so every kl_along call of a study (damage, sweeps)
     # shares them whatever its number of conditions.
-    put = ((lambda t: sharded_table(lm.layout, t)) if lm.layout is not None
-           else (lambda t: tuple(jnp.asarray(x) for x in t)))
-    tables = [put(stack_conditions(lm.cfg, [cond, Condition()])) for cond in conditions]
+    put = (lambda t: sharded_table(lm.layout, t)) if lm.layout is not None else put_host_table
+    tables = [put(stack_conditions(lm.cfg, [cond, Condition()], steering=True)) for cond in conditions]
     seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     out = np.full((len(conditions), len(seqs), n), np.nan)
     pad = lm.pad_id() if lm.tokenizer is not None else 0

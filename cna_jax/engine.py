@@ -90,9 +90,15 @@ def condition_bucket(c: int) -> int:
     return 1 << max(c - 1, 0).bit_length()
 
 
-def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition], min_rows: int = 0) -> tuple[np.ndarray, ...]:
+def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition], min_rows: int = 0,
+                     steering: bool | None = None) -> tuple[np.ndarray | None, ...]:
     """Host arrays (neuron_mult [C, L, I], direction [C, E], ablate [C], add [C, L]) with C the bucket of
-    ``max(len(conditions), min_rows)`` (the rest neutral)."""
+    ``max(len(conditions), min_rows)`` (the rest neutral).
+
+    steering: keep the residual-steering arrays (direction, ablate, add). None (default): only when a
+    condition uses a direction; otherwise they are None and the model skips the steering arithmetic
+    (exact no-ops for such a table, ~1% of a SmolLM2 decode step). That is a different compiled program, so
+    callers that want one program for every set of conditions (:func:`cna_jax.damage.kl_along`) pass True."""
     if not conditions:
         raise ValueError("a job needs at least one condition")
     L, I, E = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size
@@ -111,7 +117,14 @@ def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition], min_rows
         ablate[i] = float(cond.ablate)
         for layer, alpha in cond.add.items():
             add[i, int(layer)] = alpha
-    return mult, direction, ablate, add
+    if steering is None:
+        steering = any(cond.direction is not None for cond in conditions)
+    return (mult, direction, ablate, add) if steering else (mult, None, None, None)
+
+
+def put_host_table(table) -> tuple:
+    """Host condition arrays -> device arrays on the default device (None leaves stay None)."""
+    return tuple(None if a is None else jnp.asarray(a) for a in table)
 
 
 class SlotState(NamedTuple):
@@ -379,7 +392,7 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
         prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
         place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
-        put_table=lambda t: tuple(jnp.asarray(x) for x in t))
+        put_table=put_host_table)
 
 
 @functools.lru_cache(maxsize=16)
@@ -474,7 +487,7 @@ def table_shardings(layout) -> tuple:
 
 def sharded_table(layout, table) -> tuple:
     """Host condition arrays (:func:`stack_conditions`) -> global arrays in :func:`table_shardings`."""
-    return tuple(jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx])
+    return tuple(None if a is None else jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx])
                  for a, s in zip(table, table_shardings(layout)))
 
 

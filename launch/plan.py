@@ -163,7 +163,7 @@ def _engine_calls(cfg, layout, dtype, slots: int, prompt: int, new_tokens: int, 
     state = abstract(engine.empty_state_fn, state_sh, cfg=cfg, dtype=dtype, slots=slots, width=width,
                      max_new_tokens=new_tokens)
     table = tuple(sd(a.shape, a.dtype, sharding=sh)
-                  for a, sh in zip(engine.stack_conditions(cfg, [engine.Condition()]), table_sh))
+                  for a, sh in zip(engine.stack_conditions(cfg, [engine.Condition()], steering=True), table_sh))
     eos = sd((1,), jnp.int32, sharding=layout.replicated())
     rows = tuple(sd(shape, dt, sharding=sh) for (shape, dt), sh in zip(
         [((p, prompt), jnp.int32), ((p, prompt), jnp.bool_), ((p,), jnp.int32)], prefill.in_shardings[2:5]))

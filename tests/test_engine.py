@@ -167,8 +167,14 @@ def test_jobs_with_one_table_size_share_compiled_programs(tiny_job):
 
 def test_condition_table_bucketing_and_bad_input(tiny_job):
     _, cfg, params, *_ = tiny_job
-    mult, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition()] * 3)
-    assert mult.shape[0] == 4 and np.all(mult == 1) and not ablate.any() and not add.any()
+    mult, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition()] * 3, steering=True)
+    assert mult.shape[0] == 4 and np.all(mult == 1) and not direction.any() and not ablate.any() and not add.any()
+    # Without a direction in any condition the steering arrays are left out (None), unless asked for.
+    assert engine.stack_conditions(cfg, [engine.Condition()] * 3)[1:] == (None, None, None)
+    r = np.arange(cfg.hidden_size, dtype=np.float64) + 1
+    _, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition(), engine.Condition(direction=r, ablate=True)])
+    np.testing.assert_allclose(direction[1], r / np.linalg.norm(r), rtol=1e-6)
+    assert ablate.tolist() == [0, 1] and not direction[0].any() and not add.any()
     with pytest.raises(ValueError, match="neuron_mult has shape"):
         engine.stack_conditions(cfg, [engine.Condition(np.ones((2, 2)))])
     with pytest.raises(ValueError, match="need a direction"):
@@ -193,7 +199,7 @@ def test_decode_compiles_without_cpu_library_fusions(tiny_job):
 
     path, cfg, params, *_ = tiny_job
     s, width, n = 4, 20, 8
-    table = tuple(jnp.asarray(x) for x in engine.stack_conditions(cfg, [engine.Condition()]))
+    table = engine.put_host_table(engine.stack_conditions(cfg, [engine.Condition()]))
     eos = jnp.asarray([1], jnp.int32)
 
     def library_fusions(text):

@@ -124,7 +124,7 @@ def _check(lm, hf, ids, conditions, *, n, eos, pad, slots):
     Returns the HF generations per condition."""
     assert conditions[0].neuron_mult is None and conditions[0].direction is None
     cfg = lm.cfg
-    table = tuple(jnp.asarray(a) for a in engine.stack_conditions(cfg, conditions))
+    table = engine.put_host_table(engine.stack_conditions(cfg, conditions))
     c_of_row = [c for c in range(len(conditions)) for _ in ids]
     # Conditions interleaved across rows (row i has condition i mod C), so no batch is one condition.
     order = sorted(range(len(c_of_row)), key=lambda i: (i % len(ids), c_of_row[i]))

@@ -57,6 +57,8 @@ class Intervention(NamedTuple):
 
     neuron_mult: [C, L, I] float32 -- multiplies ``silu(gate_proj(x)) * up_proj(x)`` (1 = unchanged);
     direction: [C, E] float32 -- a unit residual direction r per condition (zeros when unused);
+      direction, ablate and add are None together when no condition steers the residual stream (the
+      steering arithmetic, exact no-ops then, is left out of the program);
     ablate: [C] float32 -- 1: project r out of the residual stream at every layer input and of every
       attention and MLP output (directional ablation), 0: nothing;
     add: [C, L] float32 -- alpha: ``x + alpha * r`` at the input of layer l (activation addition);
@@ -75,8 +77,10 @@ class Intervention(NamedTuple):
         """[B, I]: every row's neuron multiplier at ``layer``."""
         return jnp.take(self.neuron_mult[:, layer], self.cond, axis=0)
 
-    def steer(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Per-row (direction [B, E], ablate [B], add [B, L])."""
+    def steer(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """Per-row (direction [B, E], ablate [B], add [B, L]), or None for a table without them."""
+        if self.direction is None:
+            return None
         return tuple(jnp.take(a, self.cond, axis=0) for a in (self.direction, self.ablate, self.add))
 
 
@@ -305,16 +309,16 @@ class Decoder(nn.Module):
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
         x = embed(tokens)
         all_neurons, all_residuals = [], []
-        ablate = None
-        if intervention is not None:
-            direction, weight, add = intervention.steer()
-            ablate = (direction, weight)
+        steer = None if intervention is None else intervention.steer()
+        ablate = None if steer is None else steer[:2]
         for layer in range(cfg.num_hidden_layers):
             if intervention is None:
                 mult = None if neuron_mult is None else neuron_mult[layer]
             else:
                 mult = intervention.layer_mult(layer)
+            if steer is not None:
                 # The residual entering the layer: r projected out (ablation), then alpha * r added.
+                direction, weight, add = steer
                 x = ablate_direction(x, direction, weight)
                 x = x + (add[:, layer, None, None] * direction[:, None, :]).astype(x.dtype)
             if return_residuals:
