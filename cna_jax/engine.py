@@ -130,8 +130,7 @@ def put_host_table(table) -> tuple:
 class SlotState(NamedTuple):
     """Everything the device keeps per slot (S slots, W cache columns, N = max_new_tokens).
 
-    cache: KVCache of per-layer tuples of L arrays, keys [S, K, D, W], values [S, K, W, D]
-    (:func:`split_layers`); kv_valid: [S, W] bool (columns a slot attends to);
+    cache: KVCache of per-layer tuples of L arrays, keys and values [S, K, W, D] (:func:`split_layers`); kv_valid: [S, W] bool (columns a slot attends to);
     tok: [S] the token to feed next; pos: [S] its rotary position; step: [S] tokens generated so far;
     out: [S, N] generated tokens; done: [S] bool (ended, or empty); cond: [S] condition index;
     clock: [] int32 decode steps taken (selects the ring column)."""
@@ -152,12 +151,11 @@ def _is_eos(tok, eos_ids):
 
 
 def split_layers(cache: KVCache) -> KVCache:
-    """A stacked cache [L, B, K, S, D] as per-layer tuples of L arrays, keys [B, K, D, S] and values
-    [B, K, S, D] (the engine's slot layout, see ``Attention``: each layer's attention reads its own
-    buffer, where a slice of a stacked cache is a copy per decode step, and the scores need no
-    transposed keys)."""
+    """A stacked cache [L, B, K, S, D] as per-layer tuples of L arrays [B, K, S, D] (the engine's slot
+    layout, see ``Attention``: each layer's attention reads its own buffer, where a slice of a stacked
+    cache is a copy per decode step)."""
     n = cache.k.shape[0]
-    return KVCache(tuple(cache.k[l].swapaxes(2, 3) for l in range(n)), tuple(cache.v[l] for l in range(n)))
+    return KVCache(tuple(cache.k[l] for l in range(n)), tuple(cache.v[l] for l in range(n)))
 
 
 def greedy_tokens(logits, axis=-1):
@@ -194,7 +192,7 @@ def prefix_fn(params, prefix_tokens, table, *, cfg: ModelConfig, dtype, cache_sh
 class Staged(NamedTuple):
     """P prefilled rows waiting for free slots (the output of ``prefill``, the input of ``place``).
 
-    cache: per-layer tuples, keys [P, K, D, Q + T], values [P, K, Q + T, D] (the slot layout's prompt
+    cache: per-layer tuples, keys and values [P, K, Q + T, D] (the slot layout's prompt
     columns); kv_valid: [P, Q + T]; tok: [P] first generated token; pos: [P] its rotary position;
     done: [P] ended at the first token; cond: [P]."""
 
@@ -236,8 +234,8 @@ def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, *, cfg: M
         x = jnp.concatenate([x[..., :q], jnp.zeros(x.shape[:-1] + (gap,), x.dtype), x[..., q:]], axis=-1)
         return jnp.moveaxis(x, -1, axis)
 
-    written = split_layers(out.cache)  # [P, K, D, Q + t] keys, [P, K, Q + t, D] values per layer
-    return Staged(KVCache(tuple(widen(x, 3) for x in written.k), tuple(widen(x, 2) for x in written.v)),
+    written = split_layers(out.cache)  # keys and values [P, K, Q + t, D] per layer
+    return Staged(KVCache(*(tuple(widen(x, 2) for x in kv) for kv in written)),
                   widen(kv_valid, 1), first, q + valid.sum(axis=1).astype(jnp.int32),
                   _is_eos(first, eos_ids) | (max_new_tokens <= 1), cond)
 
@@ -399,18 +397,17 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
 def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, max_new_tokens: int, chunk: int
                       ) -> Functions:
     """The same calls on a mesh: slots split over the batch (data) axes, the condition table's neuron axis
-    over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings (less the layer axis;
-    keys with their last two axes swapped, see :func:`split_layers`). Prefilled rows are split over the
+    over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings (less the layer axis,
+    see :func:`split_layers`). Prefilled rows are split over the
     batch axes when their count divides, else replicated."""
     from cna_jax.sharding import ShardedFunction
 
-    b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys [S, K, D, W] and values [S, K, W, D]
+    b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys and values [S, K, W, D]
     b1, b2, rep = layout.batch(1), layout.batch(2), layout.replicated()
     n = cfg.num_hidden_layers
 
     def cache_sh(batch_axis):
-        return KVCache((layout.sharding((batch_axis, kv_, d_, len_)),) * n,
-                       (layout.sharding((batch_axis, kv_, len_, d_)),) * n)
+        return KVCache(*((layout.sharding((batch_axis, kv_, len_, d_)),) * n,) * 2)
 
     state_sh = SlotState(cache_sh(b_), b2, b1, b1, b1, b2, b1, b1, rep)
     table_sh = table_shardings(layout)
