@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cna_jax.models.config import ModelConfig
-from cna_jax.models.llama import CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions
+from cna_jax.models.llama import (CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions,
+                                  rope_inv_freq, rope_tables)
 
 
 @dataclasses.dataclass
@@ -304,6 +305,9 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
     n = state.out.shape[1]
     ring = n  # generated-token columns at the end of each slot
     cols = jnp.arange(n)[None, :]
+    # Rotary tables of the whole chunk, computed before the loop (see Decoder's ``rope``): a slot's
+    # position advances by one per step while it is active (a done slot's values are never read).
+    chunk_rope = rope_tables(state.pos[:, None] + jnp.arange(steps, dtype=jnp.int32)[None], rope_inv_freq(cfg))
 
     def cond_fn(carry):
         i, st = carry
@@ -314,7 +318,8 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
         col = (w - ring) + st.clock % ring
         kv_valid = jax.lax.dynamic_update_slice(st.kv_valid, jnp.ones((s, 1), bool), (0, col))
         res = model.apply({"params": params}, st.tok[:, None], st.pos[:, None], kv_valid[:, None, :], None,
-                          st.cache, col, intervention=Intervention(*table, st.cond), vocab_major_logits=True)
+                          st.cache, col, intervention=Intervention(*table, st.cond), vocab_major_logits=True,
+                          rope=tuple(jax.lax.dynamic_slice_in_dim(r, i, 1, axis=1) for r in chunk_rope))
         nxt = greedy_tokens(res.logits[:, :, 0], axis=0)  # logits [V, S, 1]
         active = ~st.done
         out = jnp.where(active[:, None] & (cols == st.step[:, None]), nxt[:, None], st.out)
