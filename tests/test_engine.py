@@ -172,7 +172,8 @@ def test_condition_table_bucketing_and_bad_input(tiny_job):
     # Without a direction in any condition the steering arrays are left out (None), unless asked for.
     assert engine.stack_conditions(cfg, [engine.Condition()] * 3)[1:] == (None, None, None)
     r = np.arange(cfg.hidden_size, dtype=np.float64) + 1
-    _, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition(), engine.Condition(direction=r, ablate=True)])
+    steered = [engine.Condition(), engine.Condition(direction=r, ablate=True)]
+    _, direction, ablate, add = engine.stack_conditions(cfg, steered)
     np.testing.assert_allclose(direction[1], r / np.linalg.norm(r), rtol=1e-6)
     assert ablate.tolist() == [0, 1] and not direction[0].any() and not add.any()
     with pytest.raises(ValueError, match="neuron_mult has shape"):

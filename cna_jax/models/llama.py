@@ -204,8 +204,8 @@ class Attention(nn.Module):
         if per_layer:
             # Decode: a few query rows against many cached keys. As keys [S, D] x queries [D, N] with N
             # padded to a multiple of 4, XLA:CPU's matmul kernel runs at full speed; N = G = 3 rows (SmolLM2)
-            # as the left operand take its slow remainder path (the scores of a SmolLM2 batch-32 step,
-            # 30 layers x 206 columns: 41 -> 24 ms on one core).
+            # as the left operand take its slow remainder path (the scores of a SmolLM2 batch-32 step at
+            # 206 columns, all 30 layers: 31.5 -> 20.9 ms on one core; BENCHMARKS.md, G5).
             n = t * g
             q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, -n % 4), (0, 0)))
             scores = jnp.einsum("bksd,bkqd->bksq", k.astype(q.dtype), q_pad,
