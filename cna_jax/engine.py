@@ -98,9 +98,9 @@ def stack_conditions(cfg: ModelConfig, conditions: Sequence[Condition], min_rows
 
     steering: keep the residual-steering arrays (direction, ablate, add). None (default): only when a
     condition uses a direction; otherwise they are None and the model skips the steering arithmetic
-    (exact no-ops for such a table, ~1 ms of a 187 ms SmolLM2 batch-32 decode step). That is a different
-    compiled program, so callers that want one program for every set of conditions
-    (:func:`cna_jax.damage.kl_along`) pass True."""
+    (exact no-ops for such a table, ~1 ms of a 187 ms SmolLM2 batch-32 decode step). That is another
+    compiled program (its logits may differ in the last bits), so callers that want one program for every
+    set of conditions, and bit-identical neutral rows, pass True (:func:`cna_jax.damage.kl_along`)."""
     if not conditions:
         raise ValueError("a job needs at least one condition")
     L, I, E = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size

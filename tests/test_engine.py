@@ -191,6 +191,39 @@ def test_condition_table_bucketing_and_bad_input(tiny_job):
     assert engine.prefill_rows(64, 128) == 16
 
 
+def test_table_without_steering_arrays_gives_the_same_logits(tiny_job):
+    """A neuron-only job's table leaves the steering arrays out (the model skips that arithmetic, an exact
+    no-op for neutral rows); its logits equal those of the same conditions with neutral steering arrays up
+    to float rounding (another compiled program: XLA may order the products' sums differently), and a
+    steered row differs (so the comparison can fail). Within one program, neutral rows are bit-identical."""
+    import jax
+    import jax.numpy as jnp
+
+    from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
+
+    _, cfg, params, _, _, conds, *_ = tiny_job
+    conditions = [engine.Condition(neuron_mult=c) for c in conds]
+    rng = np.random.default_rng(5)
+    tokens = jnp.asarray(rng.integers(4, cfg.vocab_size, (4, 9)), jnp.int32)
+    valid = jnp.ones((4, 9), bool)
+    cond = jnp.asarray([0, 1, 2, 1], jnp.int32)
+
+    @jax.jit
+    def logits(table):
+        return Decoder(cfg).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
+                                  intervention=Intervention(*table, cond)).logits
+
+    bare = engine.stack_conditions(cfg, conditions)
+    full = engine.stack_conditions(cfg, conditions, steering=True)
+    assert bare[1:] == (None, None, None) and full[1] is not None
+    np.testing.assert_allclose(np.asarray(logits(engine.put_host_table(bare))),
+                               np.asarray(logits(engine.put_host_table(full))), rtol=1e-5, atol=1e-5)
+    r = np.arange(cfg.hidden_size, dtype=np.float64) + 1
+    steered = engine.stack_conditions(cfg, conditions[:2] + [engine.Condition(conds[2], direction=r, ablate=True)])
+    diff = np.abs(np.asarray(logits(engine.put_host_table(steered))) - np.asarray(logits(engine.put_host_table(full))))
+    assert diff[[0, 1, 3]].max() == 0 and diff[2].max() > 1e-4
+
+
 def test_decode_compiles_without_cpu_library_fusions(tiny_job):
     """On CPU the decode step is compiled without XLA's YNNPACK/XNNPACK library fusions (faster for its
     one-row-per-slot products: engine.DECODE_CPU_COMPILER_OPTIONS), on one device and on a mesh; the same
