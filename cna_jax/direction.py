@@ -33,12 +33,13 @@ def last_token_residuals(params, tokens, valid, *, cfg: ModelConfig, dtype=jnp.f
     return out.residuals[:, :, 0].astype(jnp.float32)
 
 
-def residual_means(lm, prompts: Sequence[str], batch_size: int = 32, ids: Sequence[Sequence[int]] | None = None
-                   ) -> np.ndarray:
+def residual_means(lm, prompts: Sequence[str], batch_size: int = 32, ids: Sequence[Sequence[int]] | None = None,
+                   progress: bool = False, desc: str = "residual means") -> np.ndarray:
     """Mean over prompts of the residual stream entering each decoder layer (HF ``hidden_states[l]``) at
     the last prompt token, the prompts formatted by ``lm.encode`` (chat template for instruct models).
 
-    ids: token lists to use instead of encoding ``prompts`` (a model without a tokenizer).
+    ids: token lists to use instead of encoding ``prompts`` (a model without a tokenizer); progress: a bar
+    over the batches.
     Returns [L, E] float64 (summed in float64 on the host, so the batch order does not matter)."""
     from cna_jax.batching import padded_batches
 
@@ -50,7 +51,8 @@ def residual_means(lm, prompts: Sequence[str], batch_size: int = 32, ids: Sequen
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = lm.pad_id() if lm.tokenizer is not None else 0
     total = np.zeros((lm.cfg.num_hidden_layers, lm.cfg.hidden_size), np.float64)
-    for rows, tokens, valid in padded_batches(ids, batch_size, pad, multiple=lm.batch_multiple()):
+    for rows, tokens, valid in padded_batches(ids, batch_size, pad, multiple=lm.batch_multiple(),
+                                               progress=progress, desc=desc):
         res = lm.to_host(last_token_residuals(lm.params, tokens, valid, cfg=lm.cfg, dtype=lm.dtype))
         total += res[:, :len(rows)].astype(np.float64).sum(axis=1)  # filler rows (beyond len(rows)) dropped
     return total / len(ids)
@@ -77,7 +79,7 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
                            layers: Sequence[int] | None = None, detector: str = "regex",
                            max_new_tokens: int = 64, slots: int = 32, ids: Sequence[Sequence[int]] | None = None,
                            decode=None, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                           stop_when_scored: bool = True) -> tuple[int, dict[int, float]]:
+                           stop_when_scored: bool = True, progress: bool = False) -> tuple[int, dict[int, float]]:
     """The layer whose direction's ablation gives the lowest refusal rate on held-out harmful prompts.
 
     directions: [L, E] (from :func:`refusal_directions`); harmful_heldout: the held-out slice of the
@@ -86,7 +88,8 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     (``cna_jax.refusal.scorer_from_spec``). ids / decode: token lists and an ids -> text function for a
     model without a tokenizer (default ``lm.encode`` / ``lm.decode``); eos_ids / pad_id: as in
     :func:`cna_jax.engine.run` (default: the tokenizer's); stop_when_scored: a row ends once its refusal
-    flag can no longer change (``refusal.settled_rule(detector, quality=False)``; the rates are the same).
+    flag can no longer change (``refusal.settled_rule(detector, quality=False)``; the rates are the same);
+    progress: a bar over the job's rows.
     Every candidate x prompt is a row of ONE engine job (one condition per candidate).
     Returns (best layer, {layer: refusal rate}); ties go to the lower layer.
     """
@@ -120,7 +123,8 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
     settled = settled_stop(detector, decode, quality=False) if stop_when_scored else None
     out = engine.run(lm, rows, conditions, max_new_tokens=max_new_tokens, slots=slots, eos_ids=eos_ids,
                      pad_id=pad_id, prefix=None if prefix is None else np.asarray(prefix).tolist(),
-                     stop=None if settled is None else lambda r, tokens: settled(tokens))
+                     stop=None if settled is None else lambda r, tokens: settled(tokens),
+                     progress=progress, desc="direction layers")
     n = len(suffixes)
     rates = {}
     for c, layer in enumerate(layers):

@@ -366,15 +366,16 @@ class Study:
             order = np.random.default_rng(d.seed).permutation(n)
             n_sel = min(max(1, round(d.selection_fraction * n)), n - 1)
             sel, fit = sorted(order[:n_sel]), sorted(order[n_sel:])  # train pairs: the same rows on both sides
-            mean_h = direction_lib.residual_means(lm, [p.train_harmful[i] for i in fit], c.collect.batch_size)
-            mean_b = direction_lib.residual_means(lm, [p.train_harmless[i] for i in fit], c.collect.batch_size)
+            mean_h, mean_b = (direction_lib.residual_means(lm, [prompts[i] for i in fit], c.collect.batch_size,
+                                                           progress=self.progress, desc=f"residual means, {name}")
+                              for name, prompts in (("harmful", p.train_harmful), ("harmless", p.train_harmless)))
             dirs = mean_h - mean_b
             rates = {}
             if d.layer == -1:
                 layer, rates = direction_lib.select_direction_layer(
                     lm, dirs, [p.train_harmful[i] for i in sel], detector=c.generation.detector,
                     max_new_tokens=d.selection_tokens, slots=c.generation.batch_size,
-                    stop_when_scored=c.generation.stop_when_scored)
+                    stop_when_scored=c.generation.stop_when_scored, progress=self.progress)
             else:
                 layer = int(d.layer)
             r = dirs[layer] / np.linalg.norm(dirs[layer])

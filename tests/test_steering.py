@@ -251,7 +251,7 @@ def test_tiny_residual_means_match_hf_hidden_states(tmp_path):
     lm = LM(cfg, params, tokenizer=None, chat=False)
     rng = np.random.default_rng(7)
     ids = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (6, 13, 3, 9, 20)]
-    means = direction.residual_means(lm, None, batch_size=2, ids=ids)
+    means = direction.residual_means(lm, None, batch_size=2, ids=ids, progress=True)  # the bar changes nothing
     ref = _hf_mean_residuals(hf, ids)[:cfg.num_hidden_layers]
     assert means.shape == (cfg.num_hidden_layers, cfg.hidden_size)
     np.testing.assert_allclose(means, ref, atol=1e-5, rtol=0)
@@ -307,7 +307,7 @@ def test_select_direction_layer_stops_rows_once_flagged(tiny_selection, monkeypa
     kw = dict(ids=heldout, decode=lambda t: " ".join(map(str, t)), detector="phrases:7", max_new_tokens=12,
               slots=8, eos_ids=[lm.cfg.vocab_size], pad_id=0)
     full = direction.select_direction_layer(lm, dirs, None, stop_when_scored=False, **kw)
-    early = direction.select_direction_layer(lm, dirs, None, **kw)
+    early = direction.select_direction_layer(lm, dirs, None, progress=True, **kw)
     assert early == full and 0 < max(full[1].values())
     assert lengths[1] < lengths[0] == 4 * len(heldout) * 12  # no EOS here: every full row runs 12 tokens
 
