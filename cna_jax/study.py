@@ -366,9 +366,12 @@ class Study:
             order = np.random.default_rng(d.seed).permutation(n)
             n_sel = min(max(1, round(d.selection_fraction * n)), n - 1)
             sel, fit = sorted(order[:n_sel]), sorted(order[n_sel:])  # train pairs: the same rows on both sides
-            mean_h, mean_b = (direction_lib.residual_means(lm, [prompts[i] for i in fit], c.collect.batch_size,
-                                                           progress=self.progress, desc=f"residual means, {name}")
-                              for name, prompts in (("harmful", p.train_harmful), ("harmless", p.train_harmless)))
+
+            def means(prompts, name):
+                return direction_lib.residual_means(lm, [prompts[i] for i in fit], c.collect.batch_size,
+                                                    progress=self.progress, desc=f"residual means, {name}")
+
+            mean_h, mean_b = means(p.train_harmful, "harmful"), means(p.train_harmless, "harmless")
             dirs = mean_h - mean_b
             rates = {}
             if d.layer == -1:
