@@ -26,23 +26,50 @@ from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
 
 
-def _logprobs(params, tokens, valid, select, table, cond, cfg, dtype):
+# At most this many layers' residual streams are kept per batch (every g-th layer, g = ceil(L / 16)):
+# memory [16, B, T, E] instead of [L, B, T, E] (a 70B model, batch 8 x 2k tokens in bf16: 4.3 GB, not 21).
+RESIDUAL_GRID = 16
+
+
+def residual_grid(num_layers: int) -> int:
+    """g: the residual stream is kept at the inputs of layers 0, g, 2g, ... (:data:`RESIDUAL_GRID` at most)."""
+    return -(-num_layers // RESIDUAL_GRID)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def residuals_fn(params, tokens, valid, *, cfg: ModelConfig, dtype):
+    """The unmodified model's residual stream entering layers 0, g, 2g, ... ``[K, B, T, E]``.
+    tokens, valid: [B, T] left-padded."""
+    g = residual_grid(cfg.num_hidden_layers)
     out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
-                                    select=select, intervention=Intervention(*table, cond))
+                                    return_logits=False, return_residuals=True,
+                                    residual_layers=tuple(range(0, cfg.num_hidden_layers, g)))
+    return out.residuals
+
+
+def _logprobs(params, residuals, start, valid, select, table, cond, cfg, dtype):
+    """log-softmax ``[B, N, V]`` float32 at ``select`` [B, N], running layers ``g * start ..`` from
+    ``residuals[start]``."""
+    g = residual_grid(cfg.num_hidden_layers)
+    x = jax.lax.dynamic_index_in_dim(residuals, start, keepdims=False)
+    out = Decoder(cfg, dtype).apply({"params": params}, None, padding_positions(valid), causal_mask(valid),
+                                    select=select, intervention=Intervention(*table, cond), start=start * g,
+                                    residual=x)
     return jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def logprobs_fn(params, tokens, valid, select, table, cond, *, cfg: ModelConfig, dtype):
-    """log-softmax ``[B, N, V]`` float32 at positions ``select`` [B, N]; row b under condition cond[b].
-    tokens, valid: [B, T] left-padded."""
-    return _logprobs(params, tokens, valid, select, table, cond, cfg, dtype)
+def logprobs_fn(params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype):
+    """log-softmax ``[B, N, V]`` float32 at positions ``select`` [B, N]; row b under condition cond[b],
+    every layer from ``g * start`` run on :func:`residuals_fn`'s ``residuals[start]`` (start: an int32
+    scalar, traced: one program serves every start). valid: [B, T] left-padded."""
+    return _logprobs(params, residuals, start, valid, select, table, cond, cfg, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def kl_fn(ref_logp, params, tokens, valid, select, table, cond, *, cfg: ModelConfig, dtype):
+def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype):
     """``KL(ref || cond)`` ``[B, N]`` per position; ref_logp: [B, N, V] (the unmodified model's)."""
-    logq = _logprobs(params, tokens, valid, select, table, cond, cfg, dtype)
+    logq = _logprobs(params, residuals, start, valid, select, table, cond, cfg, dtype)
     return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logq), axis=-1)
 
 
@@ -56,6 +83,12 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     max_positions: score at most this many positions per prompt (default: all).
     Returns ``[C, P, N]`` float64 (N = the longest scored continuation), NaN beyond each prompt's
     scored length. A neutral condition gives exactly 0 (same logits, same reduction order).
+
+    Per batch, one pass of the unmodified model keeps its residual stream at every g-th layer input
+    (:func:`residual_grid`); each condition then runs only from the kept layer at or below the first layer it
+    changes (``Condition.first_layer``; below it the stream is the unmodified model's, exactly). A CNA set in
+    SmolLM2's last layers then costs ~2 of 30 layers plus the head instead of the whole model. The reference
+    distribution runs the same program from the last kept layer.
     """
 
     if len(prompt_ids) != len(continuations):
@@ -73,10 +106,19 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     # shares them whatever its number of conditions.
     put = (lambda t: sharded_table(lm.layout, t)) if lm.layout is not None else put_host_table
     tables = [put(stack_conditions(lm.cfg, [cond, Condition()], steering=True)) for cond in conditions]
+    n_layers = lm.cfg.num_hidden_layers
+    last = (n_layers - 1) // residual_grid(n_layers)  # the reference's start: the last kept layer
+    starts = [min(cond.first_layer(n_layers) // residual_grid(n_layers), last) for cond in conditions]
     seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     out = np.full((len(conditions), len(seqs), n), np.nan)
     pad = lm.pad_id() if lm.tokenizer is not None else 0
     stat = dict(cfg=lm.cfg, dtype=lm.dtype)
+    if lm.layout is not None:
+        rep = lambda c, b: lm.global_batch(np.full((b,), c, np.int32))[0]
+        scalar = lambda v: jax.make_array_from_callback((), lm.layout.replicated(), lambda idx: np.int32(v))
+    else:
+        rep = lambda c, b: jnp.full((b,), c, jnp.int32)
+        scalar = jnp.int32
     batches = padded_batches(seqs, batch_size, pad, progress=progress, desc=desc, multiple=lm.batch_multiple())
     for rows, tokens, valid in batches:
         b, t = tokens.shape
@@ -89,11 +131,12 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
         arrays = (tokens, valid, select)
         if lm.layout is not None:
             arrays = lm.global_batch(*arrays)
-        rep = lambda c: (lm.global_batch(np.full((b,), c, np.int32))[0] if lm.layout is not None
-                         else jnp.full((b,), c, jnp.int32))
-        ref = logprobs_fn(lm.params, *arrays, tables[0], rep(1), **stat)
+        tokens_, valid_, select_ = arrays
+        residuals = residuals_fn(lm.params, tokens_, valid_, **stat)
+        ref = logprobs_fn(lm.params, residuals, scalar(last), valid_, select_, tables[0], rep(1, b), **stat)
         for c in range(len(conditions)):
-            kl = lm.to_host(kl_fn(ref, lm.params, *arrays, tables[c], rep(0), **stat))
+            kl = lm.to_host(kl_fn(ref, lm.params, residuals, scalar(starts[c]), valid_, select_, tables[c],
+                                  rep(0, b), **stat))
             for i, r in enumerate(rows):
                 out[c, r, :lens[i]] = kl[i, :lens[i]]
     return out

@@ -85,6 +85,17 @@ class Condition:
             if not 0 <= int(layer) < L:
                 raise ValueError(f"{name}: add layer {layer} out of range [0, {L})")
 
+    def first_layer(self, num_layers: int) -> int:
+        """The first layer whose computation the condition changes (``num_layers`` when none): the residual
+        stream entering it equals the unmodified model's, at every position."""
+        first = num_layers
+        if self.neuron_mult is not None:
+            touched = np.flatnonzero((np.asarray(self.neuron_mult) != 1).any(axis=1))
+            first = min(first, int(touched[0])) if touched.size else first
+        if self.ablate:
+            return 0
+        return min([first] + [int(layer) for layer, alpha in self.add.items() if alpha != 0])
+
 
 def condition_bucket(c: int) -> int:
     """Conditions are padded to a power of two (neutral rows), so similar jobs share compiled code."""

@@ -341,6 +341,38 @@ def _hf_kl(hf, cond, ids, conts):
     return out
 
 
+def test_kl_from_first_changed_layer_matches_hf_hooks(tmp_path):
+    """kl_along runs each condition only from the kept residual at or below the first layer it changes
+    (a 20-layer model keeps every 2nd layer's input): conditions starting at layers 19, 13, 7 and 0
+    (neurons, activation addition, ablation) and the neutral one match HF hooks run on the whole model."""
+    from cna_jax import damage
+
+    path, hf = save_tiny(tmp_path, "llama", num_hidden_layers=20)
+    cfg, params = convert.load(path)
+    assert damage.residual_grid(cfg.num_hidden_layers) == 2
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (6, 4, 8)]
+    conts = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (5, 7, 3)]  # teacher-forced: any tokens
+    r = rng.normal(size=cfg.hidden_size)
+    late = np.ones((cfg.num_hidden_layers, cfg.intermediate_size), np.float32)
+    late[19, :40] = 40.0
+    middle = late.copy()
+    middle[7, ::3] = -5.0
+    conditions = [engine.Condition(late), engine.Condition(direction=r, add={13: 4.0, 16: -3.0}),
+                  engine.Condition(middle), engine.Condition(direction=r, ablate=True, add={13: 0.0}),
+                  engine.Condition(direction=r)]
+    assert [c.first_layer(20) for c in conditions] == [19, 13, 7, 0, 20]
+    kl = damage.kl_along(lm, ids, conts, conditions, batch_size=2)
+    for c, cond in enumerate(conditions):
+        want = _hf_kl(hf, cond, ids, conts)
+        for p, w in enumerate(want):
+            np.testing.assert_allclose(kl[c, p, :len(w)], w, rtol=1e-3, atol=2e-5)
+        if c < 4:
+            assert max(w.max() for w in want) > 5e-4, f"condition {c} hardly changes the distribution"
+    assert np.all(kl[4][~np.isnan(kl[4])] == 0)  # a direction that is neither ablated nor added: no change
+
+
 def test_tiny_qwen2_kl_damage_matches_hf_hooks(tmp_path):
     """KL_first / KL_seq (docs/METHOD.md §4) of a neuron multiplier, a directional ablation and an
     activation addition against HF forward hooks, along the unmodified model's greedy continuations of
@@ -383,9 +415,10 @@ def test_tiny_qwen2_kl_damage_matches_hf_hooks(tmp_path):
     np.testing.assert_allclose(short[0], kl[0, :, :3], rtol=1e-4, atol=2e-6)
     # Each condition runs against its own two-row table, so a call with fewer conditions reuses every
     # compiled program (one per batch shape) and gives the same values, exactly.
-    compiled = damage.kl_fn._cache_size(), damage.logprobs_fn._cache_size()
+    programs = (damage.kl_fn, damage.logprobs_fn, damage.residuals_fn)
+    compiled = [f._cache_size() for f in programs]
     np.testing.assert_array_equal(damage.kl_along(lm, ids, conts, conditions[1:3], batch_size=2), kl[1:3])
-    assert (damage.kl_fn._cache_size(), damage.logprobs_fn._cache_size()) == compiled
+    assert [f._cache_size() for f in programs] == compiled
     # A 40-token continuation: the batch of the two short rows (padded to 32 tokens) scores 32 positions,
     # the long row's batch all 40; every row still matches HF.
     long = [conts[0], _hf_generate(hf, engine.Condition(), ids[1:2], 40, [cfg.vocab_size], 0)[0], conts[2]]

@@ -289,7 +289,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens, positions, attn_mask, neuron_mult=None, cache: KVCache | None = None,
                  cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False,
                  prefix: KVCache | None = None, intervention: Intervention | None = None,
-                 return_residuals: bool = False, vocab_major_logits: bool = False, rope=None):
+                 return_residuals: bool = False, vocab_major_logits: bool = False, rope=None,
+                 residual_layers: tuple[int, ...] | None = None, start=None, residual=None):
         """
         tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
         attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
@@ -307,15 +308,28 @@ class Decoder(nn.Module):
         rope: :func:`rope_tables` of ``positions``, precomputed (the engine's decode loop computes a chunk's
           before the loop: inside it XLA fuses the sines and cosines into every layer's q and k and
           evaluates them per element, 3-4 ms of a SmolLM2 batch-32 step on one core), or None.
+        residual_layers: with ``return_residuals``, the layers (a static ascending tuple) whose inputs are
+          returned ``[len, B, T or P, E]``; None: every layer.
+        start, residual: run only the layers ``>= start`` (a traced int32 scalar) from ``residual`` [B, T, E],
+          the residual stream entering layer ``start`` (an earlier pass's ``return_residuals``, before that
+          layer's input steering). The layers below are skipped at run time (``nn.cond``), so one compiled
+          program serves every start; ``tokens`` is not read. Only for a forward without cache or prefix
+          (:mod:`cna_jax.damage` runs each condition from the first layer it changes).
         """
         cfg = self.cfg
         if prefix is not None and cache is not None:
             raise ValueError("give either a cache or a prefix, not both")
         if intervention is not None and neuron_mult is not None:
             raise ValueError("give either neuron_mult (every row) or intervention (per row), not both")
+        if residual_layers is not None and list(residual_layers) != sorted(set(residual_layers)):
+            raise ValueError(f"residual_layers must be ascending and distinct, got {residual_layers}")
+        if (start is None) != (residual is None):
+            raise ValueError("start and residual go together")
+        if start is not None and (cache is not None or prefix is not None or return_neurons or return_residuals):
+            raise ValueError("a forward from a start layer takes no cache or prefix and returns logits only")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
-        x = embed(tokens)
+        x = embed(tokens) if residual is None else residual
         all_neurons, all_residuals = [], []
         if rope is None:
             rope = rope_tables(positions, rope_inv_freq(cfg))
@@ -326,16 +340,27 @@ class Decoder(nn.Module):
                 mult = None if neuron_mult is None else neuron_mult[layer]
             else:
                 mult = intervention.layer_mult(layer)
-            if steer is not None:
-                # The residual entering the layer: r projected out (ablation), then alpha * r added.
+
+            def steer_in(x, layer=layer):
+                """The residual entering the layer: r projected out (ablation), then alpha * r added."""
+                if steer is None:
+                    return x
                 direction, weight, add = steer
                 x = ablate_direction(x, direction, weight)
-                x = x + (add[:, layer, None, None] * direction[:, None, :]).astype(x.dtype)
-            if return_residuals:
+                return x + (add[:, layer, None, None] * direction[:, None, :]).astype(x.dtype)
+
+            def block(x, cache, layer=layer, mult=mult):
+                return DecoderLayer(cfg, self.dtype, self.cache_sharding, name=f"layers_{layer}")(
+                    x, rope, attn_mask, mult, cache, layer, cache_slot, prefix, ablate)
+
+            if start is not None:
+                x = nn.cond(layer >= start, lambda _, x: block(steer_in(x), None)[0], lambda _, x: x, self, x)
+                continue
+            x = steer_in(x)
+            if return_residuals and (residual_layers is None or layer in residual_layers):
                 # Gathered here, as for the neurons below, so full [B, T, E] copies need not stay alive.
                 all_residuals.append(x if select is None else _take_positions(x, select))
-            x, cache, neurons = DecoderLayer(cfg, self.dtype, self.cache_sharding, name=f"layers_{layer}")(
-                x, rope, attn_mask, mult, cache, layer, cache_slot, prefix, ablate)
+            x, cache, neurons = block(x, cache)
             if return_neurons:
                 if select is None:
                     all_neurons.append(neurons)
