@@ -86,9 +86,9 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
 
     Per batch, one pass of the unmodified model keeps its residual stream at every g-th layer input
     (:func:`residual_grid`); each condition then runs only from the kept layer at or below the first layer it
-    changes (``Condition.first_layer``; below it the stream is the unmodified model's, exactly). A CNA set in
-    SmolLM2's last layers then costs ~2 of 30 layers plus the head instead of the whole model. The reference
-    distribution runs the same program from the last kept layer.
+    changes (``Condition.first_layer``; below it the stream is the unmodified model's, exactly). The testbed's
+    CNA set (SmolLM2, layers 23-29) then runs from layer 22: 8 of 30 layers plus the head (BENCHMARKS.md,
+    K1). The reference distribution runs the same program from the last kept layer.
     """
 
     if len(prompt_ids) != len(continuations):
