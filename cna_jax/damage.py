@@ -107,8 +107,9 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     put = (lambda t: sharded_table(lm.layout, t)) if lm.layout is not None else put_host_table
     tables = [put(stack_conditions(lm.cfg, [cond, Condition()], steering=True)) for cond in conditions]
     n_layers = lm.cfg.num_hidden_layers
-    last = (n_layers - 1) // residual_grid(n_layers)  # the reference's start: the last kept layer
-    starts = [min(cond.first_layer(n_layers) // residual_grid(n_layers), last) for cond in conditions]
+    g = residual_grid(n_layers)
+    last = (n_layers - 1) // g  # the reference's start: the last kept layer
+    starts = [min(cond.first_layer(n_layers) // g, last) for cond in conditions]
     seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     out = np.full((len(conditions), len(seqs), n), np.nan)
     pad = lm.pad_id() if lm.tokenizer is not None else 0

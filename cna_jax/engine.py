@@ -88,13 +88,12 @@ class Condition:
     def first_layer(self, num_layers: int) -> int:
         """The first layer whose computation the condition changes (``num_layers`` when none): the residual
         stream entering it equals the unmodified model's, at every position."""
-        first = num_layers
-        if self.neuron_mult is not None:
-            touched = np.flatnonzero((np.asarray(self.neuron_mult) != 1).any(axis=1))
-            first = min(first, int(touched[0])) if touched.size else first
         if self.ablate:
             return 0
-        return min([first] + [int(layer) for layer, alpha in self.add.items() if alpha != 0])
+        layers = [int(layer) for layer, alpha in self.add.items() if alpha != 0]
+        if self.neuron_mult is not None:
+            layers += np.flatnonzero((np.asarray(self.neuron_mult) != 1).any(axis=1))[:1].tolist()
+        return min(layers, default=num_layers)
 
 
 def condition_bucket(c: int) -> int:
