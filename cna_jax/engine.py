@@ -30,9 +30,15 @@ slots, so the cache update stays a single ``dynamic_update_slice`` whatever step
 stored already rotated and attention is order-free over slots, so a row's columns need not be in time
 order; a row lives at most ``max_new_tokens - 1`` decode steps, so it never overwrites its own columns.
 
-Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``)
-and one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
-10-21-token suffixes); all are cached across jobs with the same (S, T, Q, C bucket, max_new_tokens).
+Rows whose condition changes nothing below a layer s (:func:`lower_layer_start`: no intervention, and
+neuron sets in the last layers, the study's nulls among them) share the unmodified model's lower layers
+per prompt: a store pass (:func:`store_fn`) computes each distinct prompt's keys/values below s and its
+residual entering s once, and those rows' prefill runs only layers s..L-1 from there.
+
+Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``),
+one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
+10-21-token suffixes), and with a store one store pass and one more prefill per bucket; all are cached
+across jobs with the same (S, T, Q, C bucket, max_new_tokens, s).
 ``run(..., min_table_rows=)`` gives jobs with different numbers of conditions one C bucket, so they share
 them (the study's generation and sweeps jobs).
 
@@ -216,27 +222,63 @@ class Staged(NamedTuple):
     cond: jax.Array
 
 
-def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, *, cfg: ModelConfig, dtype, width: int,
-               max_new_tokens: int, cache_sharding=None) -> Staged:
-    """Prefills P rows (left-padded suffixes ``tokens``, ``valid`` [P, t], t <= T) under conditions ``cond`` [P].
-
-    width: Q + T, the prompt columns of a slot; a row shorter than the slot's T is padded on the left
-    (invalid columns), so one compiled prefill per length bucket serves every row of that bucket.
-    prefix_kv: None or [L, C, K, Q, D] (:func:`prefix_fn`); cache_sharding: as for :func:`prefix_fn`."""
-    model = Decoder(cfg, dtype, cache_sharding)
-    p, t = tokens.shape
+def _prompt_inputs(cfg: ModelConfig, dtype, prefix_kv, valid, cond, cache_sharding):
+    """The stacked cache [L, P, K, Q + t, D] of P rows with their condition's prefix keys/values in the first Q
+    columns, the valid columns [P, Q + t] and the attention mask [P, t, Q + t] of left-padded suffixes."""
+    p, t = valid.shape
     q = 0 if prefix_kv is None else prefix_kv.k.shape[3]
-    gap = width - q - t  # unused columns between the prefix and a shorter suffix
     cache = KVCache.zeros(cfg, p, q + t, dtype, cache_sharding)
     if q:
         cache = KVCache(*(constrain_cache(jax.lax.dynamic_update_slice(c, jnp.take(pk, cond, axis=1).astype(c.dtype),
                                                                        (0, 0, 0, 0, 0)), cache_sharding)
                           for c, pk in zip(cache, prefix_kv)))
-    kv_valid = jnp.concatenate([jnp.ones((p, q), bool), valid], axis=1)  # [P, Q + t]
+    kv_valid = jnp.concatenate([jnp.ones((p, q), bool), valid], axis=1)
     mask = (jnp.arange(q + t)[None, None, :] <= (q + jnp.arange(t))[None, :, None]) & kv_valid[:, None, :]
+    return cache, kv_valid, mask, q
+
+
+def store_fn(params, prefix_kv, tokens, valid, cond, table, *, cfg: ModelConfig, dtype, stop: int,
+             cache_sharding=None) -> tuple[KVCache, jax.Array]:
+    """The unmodified model on N left-padded suffixes [N, T] up to layer ``stop``: keys/values of layers
+    ``< stop`` at the suffix columns (a KVCache of [stop, N, K, T, D]) and the residual entering layer ``stop``
+    [N, T, E]. ``cond`` [N] must name conditions that change nothing below ``stop``: their prefix keys/values
+    there are the unmodified model's. The rows of a job whose condition starts at ``stop`` or later are then
+    prefilled from this store (:func:`prefill_fn`'s ``start``)."""
+    p, t = tokens.shape
+    cache, _, mask, q = _prompt_inputs(cfg, dtype, prefix_kv, valid, cond, cache_sharding)
+    out = Decoder(cfg, dtype, cache_sharding).apply(
+        {"params": params}, tokens, q + padding_positions(valid), mask, None, cache, q, return_logits=False,
+        return_residuals=True, residual_layers=(stop,), stop=stop, intervention=Intervention(*table, cond))
+    return KVCache(*(x[:stop, :, :, q:] for x in out.cache)), out.residuals[0]
+
+
+def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, store_kv=None, store_res=None, store_idx=None,
+               *, cfg: ModelConfig, dtype, width: int, max_new_tokens: int, cache_sharding=None,
+               start: int = 0) -> Staged:
+    """Prefills P rows (left-padded suffixes ``tokens``, ``valid`` [P, t], t <= T) under conditions ``cond`` [P].
+
+    width: Q + T, the prompt columns of a slot; a row shorter than the slot's T is padded on the left
+    (invalid columns), so one compiled prefill per length bucket serves every row of that bucket.
+    prefix_kv: None or [L, C, K, Q, D] (:func:`prefix_fn`); cache_sharding: as for :func:`prefix_fn`.
+    start (static) > 0: the rows' conditions change nothing below layer ``start``, so only the layers from
+    ``start`` run, from the unmodified model's residual and lower keys/values in the store
+    (:func:`store_fn`'s output, ``store_kv`` [start, N, K, T', D] and ``store_res`` [N, T', E], T' >= t) at
+    rows ``store_idx`` [P]."""
+    model = Decoder(cfg, dtype, cache_sharding)
+    p, t = tokens.shape
+    cache, kv_valid, mask, q = _prompt_inputs(cfg, dtype, prefix_kv, valid, cond, cache_sharding)
+    gap = width - q - t  # unused columns between the prefix and a shorter suffix
+    residual = None
+    if start:
+        # The store is left-padded to the job's longest bucket T', so a row of a shorter bucket is its last t columns.
+        cut = store_res.shape[1] - t
+        cache = KVCache(*(constrain_cache(jax.lax.dynamic_update_slice(
+            c, jnp.take(x, store_idx, axis=1)[:, :, :, cut:].astype(c.dtype), (0, 0, 0, q, 0)), cache_sharding)
+            for c, x in zip(cache, store_kv)))
+        residual = jnp.take(store_res, store_idx, axis=0)[:, cut:]
     out = model.apply({"params": params}, tokens, q + padding_positions(valid), mask, None, cache, q,
                       select=jnp.full((p, 1), t - 1, jnp.int32),
-                      intervention=Intervention(*table, cond))
+                      intervention=Intervention(*table, cond), start=start or None, residual=residual)
     first = greedy_tokens(out.logits[:, 0]).astype(jnp.int32)
 
     def widen(x, axis):  # [.., Q + t, ..] -> [.., Q + T, ..]: the gap as invalid columns after the prefix
@@ -363,7 +405,8 @@ def decode_compiler_options(platform: str) -> dict | None:
 # Jitted single-device entry points (static shapes come from the arguments).
 _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots", "width", "max_new_tokens"))
 _prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
-_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding"))
+_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding", "start"))
+_store = jax.jit(store_fn, static_argnames=("cfg", "dtype", "stop", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
 _retire = jax.jit(retire_fn, donate_argnums=(0,))
 
@@ -380,12 +423,14 @@ class Functions:
 
     empty: Callable  # () -> SlotState
     prefix: Callable  # (params, prefix tokens [Q], table) -> prefix_kv
-    prefill: Callable  # (params, prefix_kv, tokens, valid, cond, table, eos_ids) -> Staged
+    # (params, prefix_kv, tokens, valid, cond, table, eos_ids[, store_kv, store_res, store_idx], start=0) -> Staged
+    prefill: Callable
     place: Callable  # (state, staged, src, slot_idx) -> SlotState
     decode: Callable  # (params, state, table, eos_ids) -> SlotState
     retire: Callable  # (done [S], mask [S]) -> done
     put_rows: Callable  # host [P, ...] arrays -> device arrays (prefill's rows, place's indices)
     put_table: Callable  # host condition arrays -> device arrays
+    store: Callable  # (params, prefix_kv, tokens, valid, cond, table, stop=) -> (KVCache, residual), :func:`store_fn`
     # Device groups of a P-row prefill: staged row j may only go to a slot of its own group (row group
     # j // (P // g), slot group s // (S // g)), so placing moves no data across devices.
     groups: Callable[[int], int] = lambda p: 1
@@ -406,7 +451,7 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
         prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
         place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
-        put_table=put_host_table)
+        put_table=put_host_table, store=functools.partial(_store, **stat))
 
 
 @functools.lru_cache(maxsize=16)
@@ -443,15 +488,27 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
     prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh), rep, cached)
-    prefills: dict[int, ShardedFunction] = {}
+    prefills: dict[tuple[int, int], ShardedFunction] = {}  # by (P, start)
+    stores: dict[tuple[int, int], ShardedFunction] = {}  # by (N, stop)
     places: dict[int, ShardedFunction] = {}  # by P: place always takes P (src, slot) pairs
 
-    def prefill_at(p):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
-        if p not in prefills:
-            rows = (b2, b2, b1) if split(p) else (rep,) * 3
-            prefills[p] = ShardedFunction(prefill_fn, layout, (params_sh, rep, *rows, table_sh, rep), staged_sh(p),
-                                          dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, **cached))
-        return prefills[p]
+    def rows_sh(p):  # tokens, valid, cond (and store_idx) of P rows
+        return (b2, b2, b1) if split(p) else (rep,) * 3
+
+    def prefill_at(p, start=0):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
+        if (p, start) not in prefills:
+            store = (rep, rep, rows_sh(p)[2]) if start else ()  # the store replicated, its row indices like cond
+            prefills[p, start] = ShardedFunction(
+                prefill_fn, layout, (params_sh, rep, *rows_sh(p), table_sh, rep, *store), staged_sh(p),
+                dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, start=start, **cached))
+        return prefills[p, start]
+
+    def store(params, prefix_kv, tokens, valid, cond, table, stop):
+        n = tokens.shape[0]
+        if (n, stop) not in stores:
+            stores[n, stop] = ShardedFunction(store_fn, layout, (params_sh, rep, *rows_sh(n), table_sh), (rep, rep),
+                                              dict(stop=stop, **cached))
+        return stores[n, stop](params, prefix_kv, tokens, valid, cond, table)
 
     def place_at(p):  # P staged rows, P (src, slot) pairs (unused pairs drop)
         if p not in places:
@@ -460,8 +517,8 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                                         (state_sh, staged_sh(p), idx, idx), state_sh, {}, donate=(0,))
         return places[p]
 
-    def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids):
-        return prefill_at(tokens.shape[0])(params, prefix_kv, tokens, valid, cond, table, eos_ids)
+    def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store, start=0):
+        return prefill_at(tokens.shape[0], start)(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store)
 
     def place(state, staged, src, slot_idx):
         return place_at(src.shape[0])(state, staged, src, slot_idx)
@@ -477,7 +534,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     retire = ShardedFunction(retire_fn, layout, (b1, b1 if split(slots) else rep), b1, {}, donate=(0,))
     return Functions(empty, prefix, prefill, place, decode, retire, put_rows, functools.partial(sharded_table, layout),
-                     groups=lambda p: mult if split(p) else 1)
+                     store, groups=lambda p: mult if split(p) else 1)
 
 
 def _spec_axes(spec, dim: int = 0) -> tuple:
@@ -526,11 +583,45 @@ DECODE_CHUNK = 4
 JOB_LENGTH_MULTIPLE = 16
 
 
+# Bytes of the unmodified model's lower-layer keys/values and residuals kept per job for the rows prefilled from
+# their first changed layer (:func:`lower_layer_start`); a job whose store would be larger prefills every row
+# through the whole model. The study's SmolLM2 jobs keep ~190 MB (201 prompts x 32 columns x 23 layers); a 70B
+# model's 80 layers at 2 bytes keep ~10 MB per 64-token prompt and layer set, so ~200 prompts there.
+STORE_BYTES = 2 << 30
+
+
+def lower_layer_start(cfg: ModelConfig, conditions: Sequence[Condition], rows: Sequence[tuple[Sequence[int], int]],
+                      length: int, dtype=jnp.float32) -> int:
+    """The layer s the job's rows whose conditions change nothing below it are prefilled from (0: none are).
+
+    Such rows share the unmodified model's layers below s per prompt, so the job computes those once per
+    distinct prompt (:func:`store_fn`) and each row's prefill runs only layers s..L-1. s maximises the
+    layer-rows saved: s x (rows starting at s or later - their distinct prompts); 0 when nothing is saved or
+    the store (keys/values of layers < s and one residual, ``length`` columns per prompt) exceeds
+    :data:`STORE_BYTES`."""
+    num_layers = cfg.num_hidden_layers
+    firsts = [min(c.first_layer(num_layers), num_layers - 1) for c in conditions]
+    best, gain = 0, 0
+    for s in sorted(set(firsts) - {0}):
+        mine = [(tuple(ids), c) for ids, c in rows if firsts[c] >= s]
+        g = s * (len(mine) - len({ids for ids, _ in mine}))
+        if g > gain:
+            best, gain = s, g
+    if best:
+        prompts = len({tuple(ids) for ids, c in rows if firsts[c] >= best})
+        itemsize = jnp.dtype(dtype).itemsize
+        size = prompts * length * (2 * best * cfg.num_key_value_heads * cfg.head_dim + cfg.hidden_size) * itemsize
+        if size > STORE_BYTES:
+            return 0
+    return best
+
+
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
         max_new_tokens: int = 150, slots: int = 32, chunk: int = DECODE_CHUNK, prefix: Sequence[int] | None = None,
         on_finish: Callable[[int, list[int]], None] | None = None, progress: bool = False, desc: str = "generating",
         length_multiple: int = JOB_LENGTH_MULTIPLE, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-        stop: Callable[[int, list[int]], bool] | None = None, min_table_rows: int = 0) -> list[list[int]]:
+        stop: Callable[[int, list[int]], bool] | None = None, min_table_rows: int = 0,
+        from_first_changed_layer: bool = True) -> list[list[int]]:
     """Greedy generations for every row of a job; returns each row's new tokens (up to and including EOS).
 
     rows: (token ids of the prompt *after* ``prefix``, condition index) per row; prefix: token ids every
@@ -541,7 +632,9 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     scores can no longer change, :func:`cna_jax.refusal.settled_rule`). min_table_rows: pad the condition
     table to the bucket of at least this many conditions; jobs of the same shapes that pass the same
     value share every compiled program (the study's generation and sweeps jobs: ~50 s of compiles on a
-    2-core CPU).
+    2-core CPU). from_first_changed_layer: prefill the rows whose conditions leave the layers below
+    :func:`lower_layer_start` unchanged from the unmodified model's lower layers, computed once per prompt
+    (one more compiled prefill per length bucket and one store pass; False: every row through every layer).
     """
     from cna_jax.batching import bucket, left_pad
 
@@ -572,8 +665,28 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     state = fns.empty()
     p = prefill_rows(slots, q + t)
 
-    # Shortest rows first: consecutive prefill calls then share a length bucket (less padding, few shapes).
-    queue = sorted(range(len(rows)), key=lambda r: len(rows[r][0]), reverse=True)  # pop() takes the next row
+    start = lower_layer_start(cfg, conditions, rows, t, lm.dtype) if from_first_changed_layer else 0
+    firsts = [c.first_layer(cfg.num_hidden_layers) for c in conditions]
+    from_start = [start > 0 and firsts[c] >= start for _, c in rows]
+    store_kv = store_res = None
+    where = {}  # prompt tokens -> row of the store
+    if start:
+        for r, (ids, _) in enumerate(rows):
+            if from_start[r]:
+                where.setdefault(tuple(ids), len(where))
+        seqs = list(where)
+        c0 = np.int32(rows[from_start.index(True)][1])  # unmodified below start, like every such row's condition
+        parts = []
+        for i in range(0, len(seqs), p):
+            tokens, valid = left_pad(seqs[i:i + p], t, pad, batch=p)
+            parts.append(fns.store(lm.params, prefix_kv, *fns.put_rows(tokens, valid, np.full((p,), c0)), table,
+                                   stop=start))
+        store_kv = KVCache(*(jnp.concatenate([x[0][j] for x in parts], axis=1) for j in range(2)))
+        store_res = jnp.concatenate([x[1] for x in parts], axis=0)
+
+    # Shortest rows first: consecutive prefill calls then share a length bucket (less padding, few shapes); the
+    # rows prefilled from ``start`` and the others in separate calls.
+    queue = sorted(range(len(rows)), key=lambda r: (from_start[r], len(rows[r][0])), reverse=True)  # pop(): next
     occupant = [-1] * slots  # row in each slot, -1 = free
     staged, ready = None, []  # the last prefill call's rows, and (staged index, row) not yet placed
     results: list[list[int] | None] = [None] * len(rows)
@@ -586,11 +699,18 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         free = [s for s, o in enumerate(occupant) if o < 0]
         while free and (ready or queue):
             if not ready:  # prefill the next P queued rows (fillers repeat the first; never placed)
-                new = [queue.pop() for _ in range(min(p, len(queue)))]
+                new = [queue.pop()]
+                while len(new) < p and queue and from_start[queue[-1]] == from_start[new[0]]:
+                    new.append(queue.pop())
                 seqs = [rows[r][0] for r in new]
                 tokens, valid = left_pad(seqs, bucket(max(map(len, seqs)), length_multiple), pad, batch=p)
                 cond = np.array([rows[r][1] for r in new] + [rows[new[0]][1]] * (p - len(new)), np.int32)
-                staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos)
+                if from_start[new[0]]:
+                    idx = np.array([where[tuple(x)] for x in seqs] + [where[tuple(seqs[0])]] * (p - len(new)), np.int32)
+                    staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos,
+                                         store_kv, store_res, *fns.put_rows(idx), start=start)
+                else:
+                    staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos)
                 ready = list(enumerate(new))
             # Pair ready rows with free slots of their own device group.
             pairs, left = [], []

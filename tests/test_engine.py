@@ -165,6 +165,43 @@ def test_jobs_with_one_table_size_share_compiled_programs(tiny_job):
     assert all(f._cache_size() > n for f, n in zip(fns, compiled))
 
 
+def test_rows_start_at_their_first_changed_layer(tiny_job, monkeypatch):
+    """Rows whose condition leaves layers 0-1 unchanged (none; multipliers on layer 2) are prefilled from
+    layer 2 on the unmodified model's lower layers, computed once per prompt (the store pass), while a
+    condition changing layer 0 runs every layer in the same job: every row's tokens equal HF's. With the
+    store over its memory budget every row runs every layer, with the same tokens and no store pass."""
+    from transformers import AutoModelForCausalLM
+
+    path, cfg, params, prefix, _, conds, eos, want, suffixes = tiny_job
+    low = np.ones_like(conds[1])
+    low[0, :12] = 0
+    conditions = [engine.Condition(conds[0]), engine.Condition(conds[1]), engine.Condition(low)]
+    assert [c.first_layer(cfg.num_hidden_layers) for c in conditions] == [3, 2, 0]
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    hf.generation_config.eos_token_id = None
+    expect = {0: want[0], 1: want[1], 2: _hf_rows(hf, [prefix + s for s in suffixes], low, 12, (eos,), 0)}
+    assert expect[2] != expect[0]  # the layer-0 condition changes tokens, so running it from layer 2 would fail
+    job_rows = [(s, c) for s in suffixes for c in (0, 1, 2)]
+    assert engine.lower_layer_start(cfg, conditions, job_rows, 12) == 2
+    calls = []
+    store = engine._store
+    monkeypatch.setattr(engine, "_store", lambda *a, **k: calls.append(k["stop"]) or store(*a, **k))
+    lm = LM(cfg, params, tokenizer=None, chat=False)
+
+    def job():
+        return engine.run(lm, job_rows, conditions, max_new_tokens=12, slots=8, chunk=3, prefix=prefix,
+                          eos_ids=[eos], pad_id=0, length_multiple=4)
+
+    got = job()
+    for (tok, c), out in zip(job_rows, got):
+        assert out == expect[c][suffixes.index(tok)], (c, suffixes.index(tok))
+    assert calls and set(calls) == {2}  # 10 prompts, prefill calls of 2 rows: 5 store calls
+    monkeypatch.setattr(engine, "STORE_BYTES", 0)
+    assert engine.lower_layer_start(cfg, conditions, job_rows, 12) == 0
+    calls.clear()
+    assert job() == got and not calls
+
+
 def test_condition_table_bucketing_and_bad_input(tiny_job):
     _, cfg, params, *_ = tiny_job
     mult, direction, ablate, add = engine.stack_conditions(cfg, [engine.Condition()] * 3, steering=True)

@@ -290,7 +290,7 @@ class Decoder(nn.Module):
                  cache_slot=0, select=None, return_logits: bool = True, return_neurons: bool = False,
                  prefix: KVCache | None = None, intervention: Intervention | None = None,
                  return_residuals: bool = False, vocab_major_logits: bool = False, rope=None,
-                 residual_layers: tuple[int, ...] | None = None, start=None, residual=None):
+                 residual_layers: tuple[int, ...] | None = None, start=None, residual=None, stop: int | None = None):
         """
         tokens: [B, T] int; positions: [B, T] int rotary positions (``cumsum(valid) - 1`` for left padding).
         attn_mask: [B, T, S] bool, True where query t may attend key slot s (S = T without a cache,
@@ -314,7 +314,11 @@ class Decoder(nn.Module):
           the residual stream entering layer ``start`` (an earlier pass's ``return_residuals``, before that
           layer's input steering). The layers below are skipped at run time (``nn.cond``), so one compiled
           program serves every start; ``tokens`` is not read. Only for a forward without cache or prefix
-          (:mod:`cna_jax.damage` runs each condition from the first layer it changes).
+          (:mod:`cna_jax.damage` runs each condition from the first layer it changes). A Python int
+          ``start`` is static instead: the layers below are not traced at all and a ``cache`` is allowed
+          (their cache entries stay as given: the engine's prefill fills them from the unmodified model).
+        stop: a static layer: run only the layers below it (with ``return_residuals``, ``residual_layers``
+          may name ``stop`` itself: the residual entering it); no logits.
         """
         cfg = self.cfg
         if prefix is not None and cache is not None:
@@ -325,8 +329,13 @@ class Decoder(nn.Module):
             raise ValueError(f"residual_layers must be ascending and distinct, got {residual_layers}")
         if (start is None) != (residual is None):
             raise ValueError("start and residual go together")
-        if start is not None and (cache is not None or prefix is not None or return_neurons or return_residuals):
-            raise ValueError("a forward from a start layer takes no cache or prefix and returns logits only")
+        static_start = isinstance(start, int)
+        if start is not None and (prefix is not None or return_neurons or return_residuals
+                                  or (cache is not None and not static_start)):
+            raise ValueError("a forward from a start layer takes no prefix (nor a cache, unless start is a "
+                             "Python int) and returns logits only")
+        if stop is not None and (return_logits or start is not None):
+            raise ValueError("a forward up to a stop layer returns no logits and starts at layer 0")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=_param_init(_dense_init, ("vocab", "embed")), name="embed_tokens")
         x = embed(tokens) if residual is None else residual
@@ -353,13 +362,17 @@ class Decoder(nn.Module):
                 return DecoderLayer(cfg, self.dtype, self.cache_sharding, name=f"layers_{layer}")(
                     x, rope, attn_mask, mult, cache, layer, cache_slot, prefix, ablate)
 
-            if start is not None:
+            if static_start and layer < start:
+                continue  # x is still ``residual``, the stream entering layer ``start``
+            if start is not None and not static_start:
                 x = nn.cond(layer >= start, lambda _, x: block(steer_in(x), None)[0], lambda _, x: x, self, x)
                 continue
             x = steer_in(x)
             if return_residuals and (residual_layers is None or layer in residual_layers):
                 # Gathered here, as for the neurons below, so full [B, T, E] copies need not stay alive.
                 all_residuals.append(x if select is None else _take_positions(x, select))
+            if stop is not None and layer >= stop:
+                break
             x, cache, neurons = block(x, cache)
             if return_neurons:
                 if select is None:
