@@ -583,10 +583,11 @@ DECODE_CHUNK = 4
 JOB_LENGTH_MULTIPLE = 16
 
 
-# Bytes of the unmodified model's lower-layer keys/values and residuals kept per job for the rows prefilled from
-# their first changed layer (:func:`lower_layer_start`); a job whose store would be larger prefills every row
-# through the whole model. The study's SmolLM2 jobs keep ~190 MB (201 prompts x 32 columns x 23 layers); a 70B
-# model's 80 layers at 2 bytes keep ~10 MB per 64-token prompt and layer set, so ~200 prompts there.
+# Bytes of the unmodified model's lower-layer keys/values and residuals kept per job (replicated on every
+# device of a mesh) for the rows prefilled from their first changed layer (:func:`lower_layer_start`); a job
+# whose store would be larger prefills every row through the whole model. The study's SmolLM2 generation job
+# keeps 242 MB (201 prompts x 32 columns, s = 23); Llama-3.1-70B in bf16 with s = 60 keeps 16.8 MB per 64-token
+# prompt, so 128 such prompts fit.
 STORE_BYTES = 2 << 30
 
 
