@@ -587,19 +587,36 @@ JOB_LENGTH_MULTIPLE = 16
 # device of a mesh) for the rows prefilled from their first changed layer (:func:`lower_layer_start`); a job
 # whose store would be larger prefills every row through the whole model. The study's SmolLM2 generation job
 # keeps 242 MB (201 prompts x 32 columns, s = 23); Llama-3.1-70B in bf16 with s = 60 keeps 16.8 MB per 64-token
-# prompt, so 128 such prompts fit.
+# prompt, so 128 such prompts fit. On an accelerator the store takes at most STORE_FRACTION of a device's
+# memory (1.6 GB of an 80 GB GPU, 0.3 GB of a 16 GB TPU v5e), inside the 10% headroom launch/plan.py asks of a
+# plan, whose figures do not count it.
 STORE_BYTES = 2 << 30
+STORE_FRACTION = 0.02
+
+
+def store_budget(devices) -> int:
+    """Bytes the lower-layer store may take: :data:`STORE_BYTES`, and at most :data:`STORE_FRACTION` of the
+    smallest memory among ``devices`` that report one (accelerators; a CPU reports none)."""
+    limits = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # a backend without memory statistics
+            stats = None
+        if stats and stats.get("bytes_limit"):
+            limits.append(int(stats["bytes_limit"]))
+    return min([STORE_BYTES] + [int(STORE_FRACTION * b) for b in limits])
 
 
 def lower_layer_start(cfg: ModelConfig, conditions: Sequence[Condition], rows: Sequence[tuple[Sequence[int], int]],
-                      length: int, dtype=jnp.float32) -> int:
+                      length: int, dtype=jnp.float32, budget: int | None = None) -> int:
     """The layer s the job's rows whose conditions change nothing below it are prefilled from (0: none are).
 
     Such rows share the unmodified model's layers below s per prompt, so the job computes those once per
     distinct prompt (:func:`store_fn`) and each row's prefill runs only layers s..L-1. s maximises the
     layer-rows saved: s x (rows starting at s or later - their distinct prompts); 0 when nothing is saved or
-    the store (keys/values of layers < s and one residual, ``length`` columns per prompt) exceeds
-    :data:`STORE_BYTES`."""
+    the store (keys/values of layers < s and one residual, ``length`` columns per prompt) exceeds ``budget``
+    bytes (:func:`store_budget`; None: :data:`STORE_BYTES`)."""
     num_layers = cfg.num_hidden_layers
     firsts = [min(c.first_layer(num_layers), num_layers - 1) for c in conditions]
     best, gain = 0, 0
@@ -612,7 +629,7 @@ def lower_layer_start(cfg: ModelConfig, conditions: Sequence[Condition], rows: S
         prompts = len({tuple(ids) for ids, c in rows if firsts[c] >= best})
         itemsize = jnp.dtype(dtype).itemsize
         size = prompts * length * (2 * best * cfg.num_key_value_heads * cfg.head_dim + cfg.hidden_size) * itemsize
-        if size > STORE_BYTES:
+        if size > (STORE_BYTES if budget is None else budget):
             return 0
     return best
 
@@ -666,7 +683,10 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     state = fns.empty()
     p = prefill_rows(slots, q + t)
 
-    start = lower_layer_start(cfg, conditions, rows, t, lm.dtype) if from_first_changed_layer else 0
+    devices = jax.devices()[:1] if lm.layout is None else list(lm.layout.mesh.devices.flat)
+    start = 0
+    if from_first_changed_layer:
+        start = lower_layer_start(cfg, conditions, rows, t, lm.dtype, store_budget(devices))
     firsts = [c.first_layer(cfg.num_hidden_layers) for c in conditions]
     from_start = [start > 0 and firsts[c] >= start for _, c in rows]
     store_kv = store_res = None

@@ -4,7 +4,9 @@ report per-device memory (parameters, KV cache, temporaries) from the compiled p
 Generation is the engine's (``cna_jax.engine.sharded_functions``): its slot state (the KV cache of every
 slot) stays resident and ``place`` and ``decode`` update it in place, so the program planned is whichever
 call peaks higher with everything alive beside it: a ``prefill`` (``engine.prefill_rows`` rows at this
-prompt length, into a staging buffer), ``place`` or a ``decode`` chunk.
+prompt length, into a staging buffer), ``place`` or a ``decode`` chunk. Not counted: the lower-layer store a
+job may keep for its rows prefilled from their first changed layer (at most 2% of an accelerator's memory,
+``cna_jax.engine.store_budget``), which the 10% headroom of the verdict holds.
 
     # the config's own mesh and target (Llama-3.1-70B: preset gpu-8x80, tensor=8 on 8 x 80 GB)
     python launch/plan.py --config=configs/pairs.py:llama_3_1_70b --batch=64

@@ -200,6 +200,16 @@ def test_rows_start_at_their_first_changed_layer(tiny_job, monkeypatch):
     assert engine.lower_layer_start(cfg, conditions, job_rows, 12) == 0
     calls.clear()
     assert job() == got and not calls
+    # The budget: STORE_BYTES on a CPU (no memory statistics), at most 2% of an accelerator's memory.
+    monkeypatch.setattr(engine, "STORE_BYTES", 2 << 30)
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 16 * 10**9, "bytes_in_use": 0}
+
+    import jax
+    assert engine.store_budget(jax.devices("cpu")) == 2 << 30
+    assert engine.store_budget([Device()] + jax.devices("cpu")) == int(0.02 * 16 * 10**9)
 
 
 def test_condition_table_bucketing_and_bad_input(tiny_job):
