@@ -1,0 +1,103 @@
+"""P1 (no bar; on S1's path): the study's generation job with rows prefilled from the first layer their
+condition changes, against every row through every layer, in one process on the study's devices.
+
+Workload: a slice of a finished study's generation job (``--workdir``, the README main command's): the
+held-out harmful prompts under none, the CNA set, the two graph subsets and the first ``--nulls`` layer-matched
+and uniform null subsets (half each), the rows stopping once their refusal flag (nulls) or flag and quality
+(the others) are settled, as ``Study.stage_generation`` runs them. The engine runs on the study's CPU
+devices (``config.cpu_devices``: one per core) with its slots.
+
+Gate: identical tokens per row on both paths. Timing: one warm-up job per path (compiles apart), then
+``--repeats`` timed jobs per path, alternated, median.
+
+    python launch/bench_prefill.py --workdir=workdir/study     # about 7 min on 2 cores
+
+Not pinned to one core (the study's devices use every core): the SGEMM rate printed is this process's, all
+cores.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import sgemm_gflops  # noqa: E402  (launch/benchlib.py)
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/smollm2_testbed.py", "The study's config.")
+flags.DEFINE_string("workdir", "workdir/study", "A finished study's workdir (its cna, graph and activation stages).")
+flags.DEFINE_integer("nulls", 10, "Null subsets in the slice (half layer-matched, half uniform).")
+flags.DEFINE_integer("repeats", 1, "Timed jobs per path (median).")
+
+
+def main(argv):
+    del argv
+    F = flags.FLAGS
+    c = F.config
+    from cna_jax import distributed
+    distributed.configure_cpu_devices(c)
+    import numpy as np
+
+    from cna_jax import engine, graph as graph_lib
+    from cna_jax.batching import split_shared_prefix
+    from cna_jax.refusal import settled_stop
+    from cna_jax.study import GRAPHS, Study, null_subsets
+
+    gflops = sgemm_gflops()
+    s = Study(c, F.workdir, progress=False)
+    pool = s.stage_cna()
+    acts = {side: s.stage_acts(side, pool) for side in ("instruct", "base")}
+    graphs = {k: s.stage_graph(k, acts[side], pool, s._key_acts(side)) for k, (side, _) in GRAPHS.items()}
+    subsets = {k: graph_lib.connected_subset(graphs[k].adjacency, bool(c.graph.largest_component))
+               for k in ("contrast_instruct", "harmful_instruct")}
+    m = c.generation.multiplier
+    conds = [engine.Condition(), engine.Condition(pool.multiplier(m)),
+             engine.Condition(pool.subset(subsets["contrast_instruct"]).multiplier(m)),
+             engine.Condition(pool.subset(subsets["harmful_instruct"]).multiplier(m))]
+    for family, n in (("layer_matched", F.nulls // 2), ("uniform", F.nulls - F.nulls // 2)):
+        for idx, _ in null_subsets(pool, subsets["contrast_instruct"], n, family, c.nulls.seed):
+            conds.append(engine.Condition(pool.subset(idx).multiplier(m)))
+    lm = s.lm("instruct")
+    ids = lm.encode(s.prompts.eval_harmful)
+    prefix, suffixes, _ = split_shared_prefix(ids)
+    rows = [(list(x), k) for k in range(len(conds)) for x in suffixes]
+    scored = settled_stop(c.generation.detector, lm.decode)
+    flagged = settled_stop(c.generation.detector, lm.decode, quality=False)
+
+    def job(from_first_changed_layer, rows=rows):
+        t = time.perf_counter()
+        out = engine.run(lm, rows, conds, max_new_tokens=c.generation.max_new_tokens, slots=c.generation.batch_size,
+                         prefix=np.asarray(prefix).tolist(), min_table_rows=len(conds),
+                         stop=lambda r, tok: (flagged if rows[r][1] >= 4 else scored)(tok),
+                         from_first_changed_layer=from_first_changed_layer)
+        return time.perf_counter() - t, out
+
+    start = engine.lower_layer_start(lm.cfg, conds, rows, 32)
+    firsts = [x.first_layer(lm.cfg.num_hidden_layers) for x in conds]
+    print(f"P1 slice: {len(rows)} rows ({len(suffixes)} harmful prompts x {len(conds)} conditions), "
+          f"{len(lm.layout.mesh.devices.flat) if lm.layout is not None else 1} devices, "
+          f"{c.generation.batch_size} slots; first changed layers {sorted(set(firsts))}, prefill from layer {start} "
+          f"for {sum(firsts[k] >= start > 0 for _, k in rows)} rows; SGEMM (this process, all cores) {gflops:.1f} "
+          "GFLOP/s")
+    warm = rows[:: max(1, len(rows) // 64)]
+    for path in (True, False):
+        job(path, warm)
+    times = {True: [], False: []}
+    outs = {}
+    for _ in range(F.repeats):
+        for path in (True, False):
+            dt, outs[path] = job(path)
+            times[path].append(dt)
+            print(f"  {'from first changed layer' if path else 'every layer':>24}: {dt:.1f} s")
+    same = sum(a == b for a, b in zip(outs[True], outs[False]))
+    new, old = statistics.median(times[True]), statistics.median(times[False])
+    print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[True]))}")
+    print(f"P1: {new:.1f} s vs {old:.1f} s every layer: {old / new:.2f}x "
+          f"(SGEMM {sgemm_gflops():.1f} GFLOP/s after)")
+
+
+if __name__ == "__main__":
+    app.run(main)
