@@ -42,7 +42,7 @@ def main(argv):
     import numpy as np
 
     from cna_jax import engine, graph as graph_lib
-    from cna_jax.batching import split_shared_prefix
+    from cna_jax.batching import bucket, split_shared_prefix
     from cna_jax.refusal import settled_stop
     from cna_jax.study import GRAPHS, Study, null_subsets
 
@@ -75,7 +75,8 @@ def main(argv):
                          from_first_changed_layer=from_first_changed_layer)
         return time.perf_counter() - t, out
 
-    start = engine.lower_layer_start(lm.cfg, conds, rows, 32)
+    # The store's columns: the job's longest suffix in engine.run's length buckets (its default length_multiple).
+    start = engine.lower_layer_start(lm.cfg, conds, rows, bucket(max(map(len, suffixes)), engine.JOB_LENGTH_MULTIPLE))
     firsts = [x.first_layer(lm.cfg.num_hidden_layers) for x in conds]
     print(f"P1 slice: {len(rows)} rows ({len(suffixes)} harmful prompts x {len(conds)} conditions), "
           f"{len(lm.layout.mesh.devices.flat) if lm.layout is not None else 1} devices, "
