@@ -53,6 +53,8 @@ def residual_means(lm, prompts: Sequence[str], batch_size: int = 32, ids: Sequen
     total = np.zeros((lm.cfg.num_hidden_layers, lm.cfg.hidden_size), np.float64)
     for rows, tokens, valid in padded_batches(ids, batch_size, pad, multiple=lm.batch_multiple(),
                                                progress=progress, desc=desc):
+        if lm.layout is not None:  # rows split over the batch axes (plain arrays would run whole on every device)
+            tokens, valid = lm.global_batch(tokens, valid)
         res = lm.to_host(last_token_residuals(lm.params, tokens, valid, cfg=lm.cfg, dtype=lm.dtype))
         total += res[:, :len(rows)].astype(np.float64).sum(axis=1)  # filler rows (beyond len(rows)) dropped
     return total / len(ids)

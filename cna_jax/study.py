@@ -9,8 +9,9 @@ Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store`
   generation     one engine job: every condition (none, CNA, both graph subsets, directional ablation,
                  activation addition) on the held-out prompts and every layer-matched and uniform null
                  subset of the contrast-graph subset (rows appended as they finish)
-  damage         KL_first / KL_seq of every condition on the held-out harmless prompts
-  sweeps         one engine job over CNA set size, multiplier and alpha, with their KLs
+  damage         KL_first / KL_seq of every condition and every new sweep point on the held-out harmless
+                 prompts (one pass: the unmodified model's reference is computed once)
+  sweeps         one engine job over CNA set size, multiplier and alpha (their KLs from the damage stage)
 A rerun skips finished stages; killing an engine job loses at most the rows in flight.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -401,20 +402,25 @@ class Study:
                                max_positions=None if dc.max_positions == -1 else dc.max_positions,
                                batch_size=dc.batch_size, progress=self.progress, desc=desc)
 
-    def stage_damage(self, conditions: dict[str, tuple], plain_tokens: list, key) -> dict[str, dict]:
+    def stage_damage(self, conditions: dict[str, tuple], plain_tokens: list, key, extra: Sequence = ()
+                     ) -> tuple[dict[str, dict], list[dict]]:
         """KL_first and KL_seq of every condition on the held-out harmless prompts (docs/METHOD.md §5.2),
-        along the unmodified model's greedy continuations. Returns name -> {"kl_first", "kl_seq"}."""
+        along the unmodified model's greedy continuations, and of the ``extra`` engine Conditions (the new
+        sweep points) in the same pass: the unmodified model's residual stream and reference distribution
+        are computed once for all of them. Returns (name -> {"kl_first", "kl_seq"}, one such dict per extra)."""
         names = [n for n in conditions if n != "none"]
 
         def run(stage):
             lm = self.lm("instruct")
-            kl = self._kl(lm, plain_tokens, [conditions[n][0] for n in names], "damage (KL)")
+            kl = self._kl(lm, plain_tokens, [conditions[n][0] for n in names] + list(extra), "damage (KL)")
             s = damage.summarize_kl(kl)
-            out = {n: {"kl_first": float(s["kl_first"][j]), "kl_seq": float(s["kl_seq"][j])} for j, n in enumerate(names)}
-            return {"kl": kl.astype(np.float32)}, {"names": names, "damage": out}
+            both = [{"kl_first": float(s["kl_first"][j]), "kl_seq": float(s["kl_seq"][j])} for j in range(len(kl))]
+            return ({"kl": kl[:len(names)].astype(np.float32), "kl_extra": kl[len(names):].astype(np.float32)},
+                    {"names": names, "damage": dict(zip(names, both)), "extra": both[len(names):]})
 
         stage = self._run_stage("damage", key, run)
-        return {"none": {"kl_first": 0.0, "kl_seq": 0.0}, **stage.load()[1]["damage"]}
+        meta = stage.load()[1]
+        return {"none": {"kl_first": 0.0, "kl_seq": 0.0}, **meta["damage"]}, meta["extra"]
 
     def sweep_points(self, pool: NeuronSet, direction: dict | None) -> list[dict]:
         """The sweeps' conditions (docs/METHOD.md §5.3): {"sweep", "value", "condition", "n_neurons",
@@ -445,10 +451,10 @@ class Study:
                                    same_as="act_add" if a == 1.0 else None))
         return points
 
-    def stage_sweeps(self, points: list[dict], plain_tokens: list | None, key, table_rows: int = 0) -> list[dict]:
-        """Refusal (harmful, harmless), quality and KL at every sweep point not equal to a main
-        condition, as one engine job; returns one dict per new point (in ``points`` order).
-        table_rows: as for :meth:`_engine_job`."""
+    def stage_sweeps(self, points: list[dict], kl: list[dict] | None, key, table_rows: int = 0) -> list[dict]:
+        """Refusal (harmful, harmless) and quality at every sweep point not equal to a main condition, as
+        one engine job, with the points' KLs (``kl``: one dict per new point, from :meth:`stage_damage`, or
+        None); returns one dict per new point (in ``points`` order). table_rows: as for :meth:`_engine_job`."""
         new = new_sweep_points(points)
         sets = self._prompt_sets()
 
@@ -461,10 +467,8 @@ class Study:
             for item, prompts, j, ps in items:
                 r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
                 out[j][ps] = {k: r[k] for k in ("rate", "n", "mean_quality", "flags")}
-            if plain_tokens is not None and self.c.damage.enabled and new:
-                s = damage.summarize_kl(self._kl(lm, plain_tokens, [p["condition"] for p in new], "sweeps (KL)"))
-                for j, o in enumerate(out):
-                    o.update(kl_first=float(s["kl_first"][j]), kl_seq=float(s["kl_seq"][j]))
+            for o, k in zip(out, kl or ()):
+                o.update(k)
             return None, {"points": out}
 
         stage = self._run_stage("sweeps", key, run)
@@ -508,12 +512,14 @@ class Study:
         # when their condition tables have one size.
         rows = max(len(conditions) + len(null_sets), len(new_sweep_points(points)))
         refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls), rows)
-        kl = None
+        kl = kl_points = None
+        sweeps_key = (c.sweeps, c.data.n_eval) if c.sweeps.enabled else None
         if c.damage.enabled and plain is not None:
-            kl = self.stage_damage(conditions, plain, (refusal_key, c.damage))
+            kl, kl_points = self.stage_damage(conditions, plain, (refusal_key, c.damage, sweeps_key),
+                                              [p["condition"] for p in new_sweep_points(points)])
         sweeps = None
         if c.sweeps.enabled:
-            new = self.stage_sweeps(points, plain, (refusal_key, c.sweeps, c.damage, c.data.n_eval), rows)
+            new = self.stage_sweeps(points, kl_points, (refusal_key, sweeps_key, c.damage), rows)
             sweeps = sweep_rows(points, new, refusal, kl)
         results = summarize(c, pool, graphs, subsets, refusal, nulls)
         results.update(damage=kl, sweeps=sweeps, direction=None if direction is None else {

@@ -255,6 +255,14 @@ def test_tiny_residual_means_match_hf_hidden_states(tmp_path):
     ref = _hf_mean_residuals(hf, ids)[:cfg.num_hidden_layers]
     assert means.shape == (cfg.num_hidden_layers, cfg.hidden_size)
     np.testing.assert_allclose(means, ref, atol=1e-5, rtol=0)
+    # On a (4, 1, 2) mesh the rows of a batch are split over the data axis (batches of 4, the second with
+    # 3 filler rows; the fillers must not count).
+    from cna_jax import sharding as S
+
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    _, sharded = convert.load(path, shardings=lambda c: layout.params(c))
+    mesh_lm = LM(cfg, sharded, tokenizer=None, chat=False, layout=layout)
+    np.testing.assert_allclose(direction.residual_means(mesh_lm, None, batch_size=2, ids=ids), ref, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
