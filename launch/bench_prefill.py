@@ -83,7 +83,9 @@ def main(argv):
           f"{c.generation.batch_size} slots; first changed layers {sorted(set(firsts))}, prefill from layer {start} "
           f"for {sum(firsts[k] >= start > 0 for _, k in rows)} rows; SGEMM (this process, all cores) {gflops:.1f} "
           "GFLOP/s")
-    warm = rows[:: max(1, len(rows) // 64)]
+    # Warm-up rows: at least as many as the slots (engine.run shrinks a smaller job's slots, and its programs would
+    # then not be the timed job's), spread over the prompts so that each length bucket compiles before the timing.
+    warm = rows[:: max(1, len(rows) // (2 * c.generation.batch_size))]
     for path in (True, False):
         job(path, warm)
     times = {True: [], False: []}
