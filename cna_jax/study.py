@@ -415,8 +415,10 @@ class Study:
             kl = self._kl(lm, plain_tokens, [conditions[n][0] for n in names] + list(extra), "damage (KL)")
             s = damage.summarize_kl(kl)
             both = [{"kl_first": float(s["kl_first"][j]), "kl_seq": float(s["kl_seq"][j])} for j in range(len(kl))]
-            return ({"kl": kl[:len(names)].astype(np.float32), "kl_extra": kl[len(names):].astype(np.float32)},
-                    {"names": names, "damage": dict(zip(names, both)), "extra": both[len(names):]})
+            arrays = {"kl": kl[:len(names)].astype(np.float32)}
+            if len(extra):  # orbax saves no zero-size array (a study without sweeps has no extra)
+                arrays["kl_extra"] = kl[len(names):].astype(np.float32)
+            return arrays, {"names": names, "damage": dict(zip(names, both)), "extra": both[len(names):]}
 
         stage = self._run_stage("damage", key, run)
         meta = stage.load()[1]

@@ -542,6 +542,21 @@ def test_refusal_statistics_hand_computed_and_without_flags():
     assert st["ci"]["harmless/cna"][1] == pytest.approx(z * z / (4 + z * z), abs=1e-12)
 
 
+def test_damage_without_sweeps(varied_study, tmp_path):
+    """sweeps.enabled = False: the damage stage scores the conditions alone (no sweep point to add to its
+    pass, and no empty array to save) and gives each condition the KLs it had beside the sweep points."""
+    c, workdir, results = varied_study
+    d = tmp_path / "nosweeps"
+    shutil.copytree(workdir / "stages", d / "stages",
+                    ignore=lambda _, names: [n for n in names if n.split("-")[0] in ("damage", "sweeps")])
+    cc = copy.deepcopy(c)
+    cc.sweeps.enabled = False
+    ran = []
+    out = Study(cc, str(d), progress=False, on_stage=ran.append).run()
+    assert ran == ["damage"] and out["sweeps"] is None
+    assert len(results["damage"]) > 1 and out["damage"] == results["damage"]
+
+
 def test_null_rows_stop_once_their_flag_is_settled(varied_study, tmp_path):
     """generation.stop_when_scored: a null row (only its flag is read) ends once a phrase is seen, a
     condition's row (flag and quality read) only once the quality window is covered too; every rate,
