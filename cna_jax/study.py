@@ -469,8 +469,9 @@ class Study:
             for item, prompts, j, ps in items:
                 r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
                 out[j][ps] = {k: r[k] for k in ("rate", "n", "mean_quality", "flags")}
-            for o, k in zip(out, kl or ()):
-                o.update(k)
+            if kl is not None:  # one KL dict per new point, in the same order
+                for o, k in zip(out, kl, strict=True):
+                    o.update(k)
             return None, {"points": out}
 
         stage = self._run_stage("sweeps", key, run)
@@ -512,13 +513,14 @@ class Study:
         points = self.sweep_points(pool, direction) if c.sweeps.enabled else []
         # The generation and sweeps jobs (same prompts, slots and lengths) share their compiled programs
         # when their condition tables have one size.
-        rows = max(len(conditions) + len(null_sets), len(new_sweep_points(points)))
+        new_points = new_sweep_points(points)
+        rows = max(len(conditions) + len(null_sets), len(new_points))
         refusal, nulls, plain = self.stage_generation(conditions, null_sets, (refusal_key, c.nulls), rows)
         kl = kl_points = None
         sweeps_key = (c.sweeps, c.data.n_eval) if c.sweeps.enabled else None
         if c.damage.enabled and plain is not None:
             kl, kl_points = self.stage_damage(conditions, plain, (refusal_key, c.damage, sweeps_key),
-                                              [p["condition"] for p in new_sweep_points(points)])
+                                              [p["condition"] for p in new_points])
         sweeps = None
         if c.sweeps.enabled:
             new = self.stage_sweeps(points, kl_points, (refusal_key, sweeps_key, c.damage), rows)
