@@ -351,9 +351,12 @@ def sharded_place_fn(layout, state_sh: SlotState, staged_sh: Staged) -> Callable
     return shard_map(local, mesh=layout.mesh, in_specs=(state_specs, staged_specs, rep, rep), out_specs=state_specs)
 
 
-def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dtype, steps: int) -> SlotState:
-    """Up to ``steps`` greedy steps over every slot; stops early once all slots are done."""
-    model = Decoder(cfg, dtype)
+def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dtype, steps: int,
+              cache_sharding=None) -> SlotState:
+    """Up to ``steps`` greedy steps over every slot; stops early once all slots are done.
+    ``cache_sharding``: on a mesh, ``Layout.sharding(CACHE_AXES)`` (each layer's cache is that less the
+    layer axis); the attention kernel (cna_jax.cpu_kernels) then runs per device in ``shard_map``."""
+    model = Decoder(cfg, dtype, cache_sharding)
     s, w = state.kv_valid.shape
     n = state.out.shape[1]
     ring = n  # generated-token columns at the end of each slot
@@ -413,7 +416,7 @@ _retire = jax.jit(retire_fn, donate_argnums=(0,))
 
 @functools.cache
 def _decode(platform: str):
-    return jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps"), donate_argnums=(1,),
+    return jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps", "cache_sharding"), donate_argnums=(1,),
                    compiler_options=decode_compiler_options(platform))
 
 
@@ -525,7 +528,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     prefill.at, place.at = prefill_at, place_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,
-                             dict(steps=chunk, **stat), donate=(1,),
+                             dict(steps=chunk, cache_sharding=cached["cache_sharding"], **stat), donate=(1,),
                              compiler_options=decode_compiler_options(layout.mesh.devices.flat[0].platform))
 
     def put_rows(*arrays):

@@ -10,6 +10,7 @@ D head_dim, E embed, I neurons, V vocab, L layers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax import cpu_kernels
 from cna_jax.models.config import ModelConfig
 
 # Logical axis names for every parameter; mapped to mesh axes by rules in cna_jax.sharding.
@@ -143,6 +145,39 @@ class RMSNorm(nn.Module):
         return weight * x32.astype(x.dtype)
 
 
+def _cache_spec(sharding) -> tuple:
+    """The stacked cache's PartitionSpec [L, B, K, S, D] as a 5-tuple."""
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (5 - len(spec))
+
+
+def _kernel_ok(head_dim: int, cache_sharding) -> bool:
+    """Whether the engine's decode attention runs as the CPU kernel (cna_jax.cpu_kernels): on CPU, with
+    the kernel built, and each device holding whole cache rows (slots and KV heads may be split)."""
+    if head_dim % 8:
+        return False
+    if cache_sharding is None:
+        on_cpu = jax.default_backend() == "cpu"
+    else:
+        on_cpu = cache_sharding.mesh.devices.flat[0].platform == "cpu"
+        if _cache_spec(cache_sharding)[3:] != (None, None):
+            return False
+    return on_cpu and cpu_kernels.enabled()
+
+
+def _kernel_attention(q, k, v, mask, scale: float, cache_sharding):
+    """q [B, K, G, D], one layer's cache k, v [B, K, S, D], mask [B, S] -> [B, K, G, D], per device."""
+    call = functools.partial(cpu_kernels.decode_attention, scale=scale)
+    if cache_sharding is None:
+        return call(q, k, v, mask)
+    from jax.sharding import PartitionSpec as P
+
+    _, b_axes, k_axes, _, _ = _cache_spec(cache_sharding)
+    rows, slots = P(b_axes, k_axes), P(b_axes)
+    return jax.shard_map(call, mesh=cache_sharding.mesh, in_specs=(rows, rows, rows, slots), out_specs=rows,
+                         check_vma=False)(q, k, v, mask)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
@@ -163,6 +198,11 @@ class Attention(nn.Module):
                 (heads, d), use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.dtype, name=name,
                 kernel_init=_param_init(_dense_init, ("embed",) + axes),
                 bias_init=_param_init(nn.initializers.zeros, axes))(x)
+
+        def o_proj(out):  # [B, T, H, D] -> [B, T, E]
+            return nn.DenseGeneral(
+                cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
 
         q = proj("q_proj", h, ("heads", "head_dim"))
         k = proj("k_proj", k_heads, ("kv_heads", "head_dim"))
@@ -201,6 +241,9 @@ class Attention(nn.Module):
         # matmul over (B, K) for prefill and decode alike (a size-1 T axis makes XLA:CPU slow).
         g = h // k_heads
         q = q.reshape(b, t, k_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k_heads, t * g, d)
+        if per_layer and t == 1 and self.dtype == jnp.float32 and _kernel_ok(d, self.cache_sharding):
+            out = _kernel_attention(q, k, v, mask[:, 0, :], d ** -0.5, self.cache_sharding)
+            return o_proj(out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)), cache
         if per_layer:
             # Decode: a few query rows against many cached keys. As keys [S, D] x queries [D, N] with N
             # padded to a multiple of 4, XLA:CPU's matmul kernel runs at full speed; N = G = 3 rows (SmolLM2)
@@ -218,10 +261,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k_heads, t * g, -1)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))
         out = out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-        out = nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-            name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
-        return out, cache
+        return o_proj(out), cache
 
 
 class MLP(nn.Module):

@@ -1,0 +1,171 @@
+// Decode attention on CPU: one query token per slot against that slot's cached keys/values, reading
+// only the cache columns the slot's mask marks valid. An XLA FFI handler (cna_jax/cpu_kernels.py builds
+// and registers it). Shapes: q [B, K, G, D], k and v [B, K, S, D], mask [B, S] (true = attend),
+// out [B, K, G, D]; all float32. The arithmetic is the XLA path's (scores * scale, softmax over the
+// valid columns, probabilities times values) in a fixed order, so results do not depend on the machine
+// beyond its libm.
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kBlock = 64;  // lanes of D accumulated in registers at once
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Sum(Vec v) {  // a fixed order: pairs, then pairs of pairs
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// out[0 : C * kLanes] = sum_j p[j] v[cols[j], 0 : C * kLanes] (v rows of length d), in registers.
+template <int C>
+inline void AccumulateValues(const float* p, const float* v, const int32_t* cols, int64_t n, int64_t d, float* out) {
+  Vec acc[C] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = v + cols[j] * d;
+    const float w = p[j];
+    for (int c = 0; c < C; ++c) acc[c] += w * Load(vr + c * kLanes);
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+// exp(x) for x <= 0 (scores less their maximum), branch-free so loops over it vectorize: x = n ln2 + r,
+// |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp), times 2^n.
+// Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0: nothing next to the maximum's 1.
+inline float ExpNonPositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4 || mask.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("decode_attention: q, k, v must be 4-D and mask 2-D");
+  }
+  const int64_t b_n = qd[0], k_n = qd[1], g_n = qd[2], d_n = qd[3], s_n = kd[2];
+  if (kd[0] != b_n || kd[1] != k_n || kd[3] != d_n || mask.dimensions()[0] != b_n || mask.dimensions()[1] != s_n) {
+    return ffi::Error::InvalidArgument("decode_attention: shapes do not match");
+  }
+  if (d_n % kLanes != 0) return ffi::Error::InvalidArgument("decode_attention: head_dim must be a multiple of 8");
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+
+  std::vector<int32_t> cols(s_n);
+  std::vector<float> p(g_n * s_n);  // [G, valid columns]
+  std::vector<float> mx(g_n), total(g_n);
+  for (int64_t b = 0; b < b_n; ++b) {
+    const bool* m = mp + b * s_n;
+    int64_t n = 0;
+    for (int64_t s = 0; s < s_n; ++s) {
+      if (m[s]) cols[n++] = static_cast<int32_t>(s);
+    }
+    for (int64_t h = 0; h < k_n; ++h) {
+      const int64_t bh = b * k_n + h;
+      const float* qh = qp + bh * g_n * d_n;
+      const float* kh = kp + bh * s_n * d_n;
+      const float* vh = vp + bh * s_n * d_n;
+      float* oh = op + bh * g_n * d_n;
+      if (n == 0) {
+        std::memset(oh, 0, g_n * d_n * sizeof(float));
+        continue;
+      }  // an empty slot: nothing to attend to (its output is never read)
+      for (int64_t g = 0; g < g_n; ++g) {
+        const float* qg = qh + g * d_n;
+        float* pg = p.data() + g * n;
+        float m = -INFINITY;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {  // four columns at once: four independent accumulation chains
+          const float* k0 = kh + cols[j] * d_n;
+          const float* k1 = kh + cols[j + 1] * d_n;
+          const float* k2 = kh + cols[j + 2] * d_n;
+          const float* k3 = kh + cols[j + 3] * d_n;
+          Vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          for (int64_t d = 0; d < d_n; d += kLanes) {
+            const Vec qv = Load(qg + d);
+            a0 += qv * Load(k0 + d);
+            a1 += qv * Load(k1 + d);
+            a2 += qv * Load(k2 + d);
+            a3 += qv * Load(k3 + d);
+          }
+          const float s0 = Sum(a0) * scale, s1 = Sum(a1) * scale, s2 = Sum(a2) * scale, s3 = Sum(a3) * scale;
+          pg[j] = s0;
+          pg[j + 1] = s1;
+          pg[j + 2] = s2;
+          pg[j + 3] = s3;
+          m = std::max(std::max(m, std::max(s0, s1)), std::max(s2, s3));
+        }
+        for (; j < n; ++j) {
+          const float* kr = kh + cols[j] * d_n;
+          Vec acc = {};
+          for (int64_t d = 0; d < d_n; d += kLanes) acc += Load(qg + d) * Load(kr + d);
+          const float sc = Sum(acc) * scale;
+          pg[j] = sc;
+          m = std::max(m, sc);
+        }
+        mx[g] = m;
+      }
+      for (int64_t g = 0; g < g_n; ++g) {
+        float* pg = p.data() + g * n;
+        const float m = mx[g];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) pg[j] = ExpNonPositive(pg[j] - m);
+        float t = 0.0f;
+        for (int64_t j = 0; j < n; ++j) t += pg[j];
+        total[g] = t;
+      }
+      for (int64_t g = 0; g < g_n; ++g) {
+        for (int64_t j = 0; j < n; ++j) p[g * n + j] /= total[g];
+      }
+      for (int64_t g = 0; g < g_n; ++g) {  // out[g] = sum_j p[g, j] v[j], in blocks of kBlock lanes of D
+        const float* pg = p.data() + g * n;
+        float* o = oh + g * d_n;
+        int64_t d0 = 0;
+        for (; d0 + kBlock <= d_n; d0 += kBlock) AccumulateValues<kBlock / kLanes>(pg, vh + d0, cols.data(), n, d_n, o + d0);
+        for (; d0 < d_n; d0 += kLanes) AccumulateValues<1>(pg, vh + d0, cols.data(), n, d_n, o + d0);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Attr<float>("scale")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
