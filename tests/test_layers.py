@@ -15,7 +15,8 @@ PACKAGE = "cna_jax"
 # Lowest first. Within a rank the order counts too: a module may import the ones listed before it.
 LAYERS = [
     # 0: the package marker, the CPU kernels, the Flax decoder, and leaf utilities that import nothing of ours
-    ["", "cpu_kernels", "models.config", "models.llama", "models", "distributed", "data", "neurons", "stats", "refusal"],
+    ["", "cpu_kernels", "models.config", "models.llama", "models", "distributed", "data", "neurons", "stats",
+     "refusal"],
     # 1: meshes, logical-axis rules, layouts, shardings, the sharded-jit wrapper
     ["sharding"],
     # 2: checkpoints in and out
