@@ -166,7 +166,8 @@ def _kernel_ok(head_dim: int, cache_sharding) -> bool:
 
 
 def _kernel_attention(q, k, v, mask, scale: float, cache_sharding):
-    """q [B, K, G, D], one layer's cache k, v [B, K, S, D], mask [B, S] -> [B, K, G, D], per device."""
+    """q [B, K, G, D], one layer's cache k, v [B, K, S, D], mask [B, S] -> [B, K, G, D]: the CPU kernel,
+    per device on a mesh (cna_jax.cpu_kernels; the same softmax attention as :func:`_xla_attention`)."""
     call = functools.partial(cpu_kernels.decode_attention, scale=scale)
     if cache_sharding is None:
         return call(q, k, v, mask)
@@ -176,6 +177,27 @@ def _kernel_attention(q, k, v, mask, scale: float, cache_sharding):
     rows, slots = P(b_axes, k_axes), P(b_axes)
     return jax.shard_map(call, mesh=cache_sharding.mesh, in_specs=(rows, rows, rows, slots), out_specs=rows,
                          check_vma=False)(q, k, v, mask)
+
+
+def _xla_attention(q, k, v, mask, dtype, decode: bool):
+    """q [B, K, T * G, D] (G query rows per KV head), k, v [B, K, S, D], mask [B, T, S] -> [B, K, T * G, D]."""
+    b, k_heads, n, d = q.shape
+    t = mask.shape[1]
+    if decode:
+        # Decode: a few query rows against many cached keys. As keys [S, D] x queries [D, N] with N
+        # padded to a multiple of 4, XLA:CPU's matmul kernel runs at full speed; N = G = 3 rows (SmolLM2)
+        # as the left operand take its slow remainder path (the scores of a SmolLM2 batch-32 step at
+        # 206 columns, all 30 layers: 31.5 -> 20.9 ms on one core; BENCHMARKS.md, G5).
+        q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, -n % 4), (0, 0)))
+        scores = jnp.einsum("bksd,bkqd->bksq", k.astype(q.dtype), q_pad,
+                            preferred_element_type=jnp.float32)[..., :n].swapaxes(2, 3)
+    else:
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, k_heads, t, n // t, -1) * (d ** -0.5)
+    # A finite minimum keeps fully masked (padding) query rows from producing NaN.
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, k_heads, n, -1)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dtype))
 
 
 class Attention(nn.Module):
@@ -198,11 +220,6 @@ class Attention(nn.Module):
                 (heads, d), use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.dtype, name=name,
                 kernel_init=_param_init(_dense_init, ("embed",) + axes),
                 bias_init=_param_init(nn.initializers.zeros, axes))(x)
-
-        def o_proj(out):  # [B, T, H, D] -> [B, T, E]
-            return nn.DenseGeneral(
-                cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
 
         q = proj("q_proj", h, ("heads", "head_dim"))
         k = proj("k_proj", k_heads, ("kv_heads", "head_dim"))
@@ -243,25 +260,13 @@ class Attention(nn.Module):
         q = q.reshape(b, t, k_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k_heads, t * g, d)
         if per_layer and t == 1 and self.dtype == jnp.float32 and _kernel_ok(d, self.cache_sharding):
             out = _kernel_attention(q, k, v, mask[:, 0, :], d ** -0.5, self.cache_sharding)
-            return o_proj(out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)), cache
-        if per_layer:
-            # Decode: a few query rows against many cached keys. As keys [S, D] x queries [D, N] with N
-            # padded to a multiple of 4, XLA:CPU's matmul kernel runs at full speed; N = G = 3 rows (SmolLM2)
-            # as the left operand take its slow remainder path (the scores of a SmolLM2 batch-32 step at
-            # 206 columns, all 30 layers: 31.5 -> 20.9 ms on one core; BENCHMARKS.md, G5).
-            n = t * g
-            q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, -n % 4), (0, 0)))
-            scores = jnp.einsum("bksd,bkqd->bksq", k.astype(q.dtype), q_pad,
-                                preferred_element_type=jnp.float32)[..., :n].swapaxes(2, 3)
         else:
-            scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, k_heads, t, g, -1) * (d ** -0.5)
-        # A finite minimum keeps fully masked (padding) query rows from producing NaN.
-        scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k_heads, t * g, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))
+            out = _xla_attention(q, k, v, mask, self.dtype, decode=per_layer)
         out = out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-        return o_proj(out), cache
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+            name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -318,7 +323,8 @@ class Decoder(nn.Module):
     ``__call__(tokens [B, T], positions [B, T], attn_mask, neuron_mult [L, I] | None, cache, cache_slot,
     select [B, P] | None)``; see ``forward``-style wrappers in ``cna_jax.models`` for the common uses.
     ``cache_sharding``: the NamedSharding every write of a stacked cache is constrained to (a sharded
-    caller's ``Layout.sharding(CACHE_AXES)``), or None.
+    caller's ``Layout.sharding(CACHE_AXES)``), or None; in the engine's decode (per-layer caches) it tells
+    the CPU attention kernel how the slots and KV heads are split.
     """
 
     cfg: ModelConfig
