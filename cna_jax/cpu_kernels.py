@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax import cache_root
+
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "cna_decode_attention"
@@ -52,11 +54,6 @@ def _arch_flags() -> tuple[str, ...]:
     return ()
 
 
-def _cache_root() -> str:
-    root = os.environ.get("CNA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cna_jax")
-    return os.path.join(os.path.expanduser(root), "kernels")
-
-
 def _build(compiler: str) -> str:
     """Compiles the kernel library once per (source, jaxlib, flags); returns its path."""
     import jaxlib
@@ -64,7 +61,7 @@ def _build(compiler: str) -> str:
     flags = _COMMON_FLAGS + _arch_flags()
     with open(_SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + repr((jaxlib.__version__, flags)).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_root(), f"decode_attention-{key}.so")
+    path = os.path.join(cache_root(), "kernels", f"decode_attention-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -78,11 +75,6 @@ def _build(compiler: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-@functools.cache
-def _load() -> bool:
-    return _build_and_register()
 
 
 def _build_and_register() -> bool:
@@ -100,6 +92,9 @@ def _build_and_register() -> bool:
         log.warning("cna_jax: building the CPU decode-attention kernel failed (%s); using the XLA path", detail)
         return False
     return True
+
+
+_load = functools.cache(_build_and_register)  # once per process
 
 
 def enabled() -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from cna_jax import data
+from cna_jax import cache_root, data
 from cna_jax.export import export
 from cna_jax.lm import LM
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions
@@ -309,8 +309,7 @@ def finetune(lm: LM, examples: Sequence[Example], recipe: Recipe, progress: bool
 
 def default_cache_dir() -> str:
     """``$CNA_JAX_CACHE/testbed`` when set, else ``~/.cache/cna_jax/testbed``."""
-    root = os.environ.get("CNA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cna_jax")
-    return os.path.join(os.path.expanduser(root), "testbed")
+    return os.path.join(cache_root(), "testbed")
 
 
 def testbed_path(recipe: Recipe | None = None, cache_dir: str | None = None) -> str:

@@ -2,8 +2,8 @@
 // only the cache columns the slot's mask marks valid. An XLA FFI handler (cna_jax/cpu_kernels.py builds
 // and registers it). Shapes: q [B, K, G, D], k and v [B, K, S, D], mask [B, S] (true = attend),
 // out [B, K, G, D]; all float32. The arithmetic is the XLA path's (scores * scale, softmax over the
-// valid columns, probabilities times values) in a fixed order, so results do not depend on the machine
-// beyond its libm.
+// valid columns, probabilities times values) in a fixed order, with its own exp, so one build gives the same
+// bits on every machine it runs on.
 #include <cmath>
 #include <algorithm>
 #include <cstring>
@@ -42,7 +42,7 @@ inline void AccumulateValues(const float* p, const float* v, const int32_t* cols
   std::memcpy(out, acc, sizeof(acc));
 }
 
-// exp(x) for x <= 0 (scores less their maximum), branch-free so loops over it vectorize: x = n ln2 + r,
+// exp(x) for x <= 0 (scores less their maximum), branch-free: x = n ln2 + r,
 // |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp), times 2^n.
 // Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0: nothing next to the maximum's 1.
 inline float ExpNonPositive(float x) {
@@ -96,10 +96,10 @@ ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
       const float* kh = kp + bh * s_n * d_n;
       const float* vh = vp + bh * s_n * d_n;
       float* oh = op + bh * g_n * d_n;
-      if (n == 0) {
+      if (n == 0) {  // an empty slot: nothing to attend to (its output is never read)
         std::memset(oh, 0, g_n * d_n * sizeof(float));
         continue;
-      }  // an empty slot: nothing to attend to (its output is never read)
+      }
       for (int64_t g = 0; g < g_n; ++g) {
         const float* qg = qh + g * d_n;
         float* pg = p.data() + g * n;
