@@ -101,6 +101,10 @@ def study_config(name: str, base: str, instruct: str, shape: dict, dtype: str = 
     # CPU devices the launch scripts give a single-process study (cna_jax.distributed.cpu_device_count):
     # 0 = one per core, at most generation.batch_size // 32; the data axis then splits the work over cores.
     c.cpu_devices = 0
+    # Local processes those devices run in (cna_jax.distributed.local_process_plan): 0 = one per device,
+    # each pinned to its own cores (XLA's shared thread pool slows devices that share a process); 1 = one
+    # process holding every device.
+    c.cpu_processes = 0
     return c
 
 
@@ -110,7 +114,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     ``devices``: the device count, known at launch (``len(jax.devices())``); with it the mesh is also
     checked against the devices and the model's sizes, so a mesh that cannot work fails before any
     weights load."""
-    from cna_jax.distributed import cpu_device_count
+    from cna_jax.distributed import cpu_device_count, local_process_plan
     from cna_jax.graph import GraphSettings
     from cna_jax.models.config import from_hf_dict
     from cna_jax.refusal import _checked_flags, scorer_from_spec
@@ -150,6 +154,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None) -> None:
     mesh = mesh_settings(c)
     _validate_distributed(c.get("distributed", False))
     cpu_device_count(c)  # raises for a cpu_devices that is not a count
+    local_process_plan(c)  # and for a cpu_processes that is not one, or does not fit the devices and cores
     if devices is not None:
         check_mesh(shape, mesh, devices)
 

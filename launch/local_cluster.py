@@ -8,6 +8,9 @@ Each process gets the coordinator settings in its environment (read by
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, ``JAX_NUM_CPU_DEVICES`` and gloo CPU collectives. Output is
 streamed with a ``[p0]``/``[p1]`` prefix. When a process exits with a non-zero code the others are
 killed and this exits non-zero, naming the process; after ``--timeout`` seconds everything is killed.
+``--pin_cores`` gives each process its own cores (``CNA_CPU_CORES``, applied by
+``cna_jax.distributed.initialize()`` before JAX starts its threads); ``launch/study.py`` runs a CPU study
+this way by default (``config.cpu_processes``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import time
 ENV_MARKER = "CNA_LOCAL_CLUSTER"  # "1": started by this launcher (implies --config.distributed)
 ENV_HEARTBEAT = "CNA_HEARTBEAT_TIMEOUT_S"
 ENV_SHUTDOWN = "CNA_SHUTDOWN_TIMEOUT_S"
+ENV_CORES = "CNA_CPU_CORES"  # cores the process pins itself to (cna_jax.distributed.pin_cores_from_env)
 
 
 def free_port() -> int:
@@ -33,10 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def core_groups(num_processes: int) -> list[list[int]]:
+    """The cores this process may use, split into ``num_processes`` contiguous groups (sizes differ by at
+    most one): one group per process for ``--pin_cores``."""
+    cores = sorted(os.sched_getaffinity(0))
+    if num_processes > len(cores):
+        raise ValueError(f"--pin_cores: {num_processes} processes but only {len(cores)} usable cores")
+    per, extra = divmod(len(cores), num_processes)
+    groups, start = [], 0
+    for i in range(num_processes):
+        size = per + (i < extra)
+        groups.append(cores[start:start + size])
+        start += size
+    return groups
+
+
 def process_env(base: dict, port: int, num_processes: int, process_id: int, devices: int,
-                heartbeat_s: int, shutdown_s: int) -> dict:
+                heartbeat_s: int, shutdown_s: int, cores: list[int] | None = None) -> dict:
     """One process's environment: the coordinator settings, CPU devices, and no simulated-device flag
-    (``--xla_force_host_platform_device_count`` would override ``JAX_NUM_CPU_DEVICES``)."""
+    (``--xla_force_host_platform_device_count`` would override ``JAX_NUM_CPU_DEVICES``); with ``cores``,
+    the cores it pins itself to."""
     env = dict(base)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     if flags:
@@ -55,6 +75,9 @@ def process_env(base: dict, port: int, num_processes: int, process_id: int, devi
         ENV_SHUTDOWN: str(shutdown_s),
         "PYTHONUNBUFFERED": "1",  # lines reach the prefixer as they are printed
     })
+    env.pop(ENV_CORES, None)
+    if cores is not None:
+        env[ENV_CORES] = ",".join(map(str, cores))
     return env
 
 
@@ -84,14 +107,16 @@ def _say(msg: str) -> None:
 
 
 def run(command: list[str], num_processes: int, devices_per_process: int, timeout: float,
-        heartbeat_s: int = 10, shutdown_s: int = 300, kill_on_failure: bool = True) -> int:
+        heartbeat_s: int = 10, shutdown_s: int = 300, kill_on_failure: bool = True, pin_cores: bool = False) -> int:
     """Starts the processes, streams their output, returns the launcher's exit code (0 when all
-    processes exited 0; the failing process's code when one failed; 124 on timeout)."""
+    processes exited 0; the failing process's code when one failed; 124 on timeout). pin_cores: each
+    process runs on its own group of cores (:func:`core_groups`), so no two share one."""
     port = free_port()
     lock = threading.Lock()
     procs, threads = [], []
+    groups = core_groups(num_processes) if pin_cores else [None] * num_processes
     for i in range(num_processes):
-        env = process_env(os.environ, port, num_processes, i, devices_per_process, heartbeat_s, shutdown_s)
+        env = process_env(os.environ, port, num_processes, i, devices_per_process, heartbeat_s, shutdown_s, groups[i])
         try:
             p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  errors="replace", start_new_session=True)
@@ -103,7 +128,9 @@ def run(command: list[str], num_processes: int, devices_per_process: int, timeou
         t = threading.Thread(target=_stream, args=(p, f"[p{i}]", lock), daemon=True)
         t.start()
         threads.append(t)
-    _say(f"started {num_processes} processes x {devices_per_process} CPU devices, coordinator 127.0.0.1:{port}")
+    pinned = f", cores {' | '.join(','.join(map(str, g)) for g in groups)}" if pin_cores else ""
+    _say(f"started {num_processes} processes x {devices_per_process} CPU devices, coordinator 127.0.0.1:{port}"
+         f"{pinned}")
 
     def on_signal(signum, frame):
         _kill_all(procs)
@@ -163,12 +190,17 @@ def main(argv=None) -> int:
                     help="seconds a finished process waits at exit for the others to finish (JAX's default)")
     ap.add_argument("--no_kill_on_failure", dest="kill_on_failure", action="store_false",
                     help="leave the other processes running when one fails (to watch them detect it)")
+    ap.add_argument("--pin_cores", action="store_true",
+                    help="give each process its own cores (the command must call cna_jax.distributed.initialize)")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command or args.num_processes < 1 or args.devices_per_process < 1:
         ap.error("need a command after --, and positive --num_processes / --devices_per_process")
-    return run(command, args.num_processes, args.devices_per_process, args.timeout, args.heartbeat_timeout,
-               args.shutdown_timeout, args.kill_on_failure)
+    try:
+        return run(command, args.num_processes, args.devices_per_process, args.timeout, args.heartbeat_timeout,
+                   args.shutdown_timeout, args.kill_on_failure, args.pin_cores)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 if __name__ == "__main__":

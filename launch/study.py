@@ -19,11 +19,35 @@ flags.DEFINE_string("workdir", "workdir/study", "Where stages, caches and the re
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
+def run_as_local_processes(c, processes: int, devices: int) -> int:
+    """This command again as ``processes`` local processes of ``devices`` CPU devices each, every one pinned
+    to its own cores (launch/local_cluster.py; cna_jax.distributed.local_process_plan says why). Bad input
+    fails here first; a testbed model is built here, on every core, before the processes start (each
+    would otherwise build it on its own core)."""
+    import sys
+
+    import local_cluster  # launch/local_cluster.py (this script's directory is on sys.path)
+
+    from cna_jax import testbed
+    from cna_jax.config import validate
+
+    validate(c)
+    for source in dict.fromkeys((c.model.base, c.model.instruct)):
+        testbed.resolve(source)  # builds (or finds) the testbed; other sources are left to the processes
+    print(f"running the study as {processes} local processes x {devices} CPU device(s), each on its own cores "
+          f"(config.cpu_processes=1: one process)", flush=True)
+    return local_cluster.run([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], processes, devices,
+                             timeout=float("inf"), pin_cores=True)
+
+
 def main(argv):
     del argv
     F = flags.FLAGS
     c = F.config
     from cna_jax import distributed
+    plan = distributed.local_process_plan(c)  # a CPU host: one process per device (before any JAX work)
+    if plan is not None:
+        return run_as_local_processes(c, *plan)
     distributed.initialize_from_config(c)  # first, before any JAX work (--config.distributed or local_cluster.py)
     distributed.configure_cpu_devices(c)  # a single process on a CPU: one device per core (config.cpu_devices)
     import jax
@@ -35,7 +59,8 @@ def main(argv):
     from cna_jax.study import Study
 
     t = time.time()
-    study = Study(c, F.workdir, progress=F.progress)
+    # One set of progress bars: every process runs the same stages in step.
+    study = Study(c, F.workdir, progress=F.progress and distributed.is_writer())
     study.run()
     report = os.path.join(F.workdir, "report", "report.md")
     if distributed.is_writer():  # one copy of the report, from the process that wrote it

@@ -428,6 +428,38 @@ def _check_p1_writes(log: str, root: str, allowed) -> None:
 
 
 
+def test_study_launch_runs_one_process_per_cpu_device(single_study, tmp_path):
+    """launch/study.py on a CPU host, 2 CPU devices: the study runs as 2 local processes x 1 device, each
+    pinned to its own core (cna_jax.distributed.local_process_plan, launch/local_cluster.py --pin_cores),
+    and gives the single-device study's results. On a 1-core machine the same config is refused before
+    anything runs."""
+    import subprocess
+
+    c = copy.deepcopy(single_study[0])
+    c.mesh.devices, c.cpu_devices, c.cpu_processes = -1, 2, 2
+    config = write_config_file(c, str(tmp_path))
+    workdir = tmp_path / "split"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["PYTHONPATH"] = ROOT
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "study.py"), f"--config={config}",
+                          f"--workdir={workdir}", "--progress=false"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
+    if len(os.sched_getaffinity(0)) < 2:
+        assert run.returncode != 0 and "cpu_processes=2 exceeds this machine's 1 usable cores" in run.stderr
+        assert not workdir.exists()
+        return
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert "running the study as 2 local processes x 1 CPU device(s)" in run.stdout
+    assert "started 2 processes x 1 CPU devices" in run.stderr and "all 2 processes exited 0" in run.stderr
+    assert "[p0] study finished" in run.stdout and "[p1] study finished" in run.stdout
+    results = json.load(open(workdir / "report" / "results.json"))
+    single = single_study[2]
+    for key in ("cna_neurons", "graph_neurons", "refusal", "edges"):
+        assert _numbers(results)[key] == _numbers(single)[key], key
+    assert [x.get("harmful", {}).get("flags") for x in results["sweeps"]] == \
+        [x.get("harmful", {}).get("flags") for x in single["sweeps"]]
+
+
 def test_load_config_file_overrides(tmp_path):
     from cna_jax.config import load_config_file, validate
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
