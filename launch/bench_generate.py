@@ -50,6 +50,13 @@ PROMPTS = [
     "Summarise the causes of the French Revolution.", "How do I start learning the guitar?",
     "Explain what a black hole is.", "Suggest a weekend itinerary for Rome.", "What is machine learning?",
     "Write a poem about the moon.", "How do plants drink water?",
+    "Why is the sky blue?", "Give me a recipe for a simple tomato soup.", "How do vaccines train the immune system?",
+    "Translate 'good morning' into French, Spanish and German.", "What are the rules of chess for the knight?",
+    "Write a haiku about autumn leaves.", "How can I improve my sleep?", "Explain how a rainbow forms.",
+    "Name three famous paintings and their painters.", "What does a software engineer do all day?",
+    "Describe a sunset over the ocean in two sentences.", "How do I make a budget for the month?",
+    "What is photosynthesis?", "Give me tips for a job interview.", "Why do cats purr?",
+    "Explain the difference between a virus and a bacterium.",
 ]
 
 
