@@ -19,6 +19,10 @@ flags.DEFINE_string("workdir", "workdir/study", "Where stages, caches and the re
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
+# Seconds the launching process spent building (or finding) the testbed before it started the study processes.
+ENV_TESTBED_S = "CNA_TESTBED_BUILD_S"
+
+
 def run_as_local_processes(c, processes: int, devices: int) -> int:
     """This command again as ``processes`` local processes of ``devices`` CPU devices each, every one pinned
     to its own cores (launch/local_cluster.py; cna_jax.distributed.local_process_plan says why). Bad input
@@ -26,17 +30,21 @@ def run_as_local_processes(c, processes: int, devices: int) -> int:
     would otherwise build it on its own core)."""
     import sys
 
-    import local_cluster  # launch/local_cluster.py (this script's directory is on sys.path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import local_cluster  # launch/local_cluster.py, beside this script
 
     from cna_jax import testbed
     from cna_jax.config import validate
 
     validate(c)
+    t = time.time()
     for source in dict.fromkeys((c.model.base, c.model.instruct)):
         testbed.resolve(source)  # builds (or finds) the testbed; other sources are left to the processes
-    print(f"running the study as {processes} local processes x {devices} CPU device(s), each on its own cores "
-          f"(config.cpu_processes=1: one process)", flush=True)
-    return local_cluster.run([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], processes, devices,
+    built = time.time() - t
+    print(f"testbed ready ({built:.0f}s); running the study as {processes} local processes x {devices} "
+          f"CPU device(s), each on its own cores (config.cpu_processes=1: one process)", flush=True)
+    os.environ[ENV_TESTBED_S] = f"{built:.3f}"  # the report's stage times then show the build
+    return local_cluster.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], processes, devices,
                              timeout=float("inf"), pin_cores=True)
 
 
@@ -61,6 +69,8 @@ def main(argv):
     t = time.time()
     # One set of progress bars: every process runs the same stages in step.
     study = Study(c, F.workdir, progress=F.progress and distributed.is_writer())
+    if float(os.environ.get(ENV_TESTBED_S, 0)) >= 1:  # built in the launching process (run_as_local_processes)
+        study.timings["testbed build (before the study processes)"] = float(os.environ[ENV_TESTBED_S])
     study.run()
     report = os.path.join(F.workdir, "report", "report.md")
     if distributed.is_writer():  # one copy of the report, from the process that wrote it
