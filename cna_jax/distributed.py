@@ -110,6 +110,11 @@ def initialize_from_config(config: Any) -> bool:
 MIN_SLOTS_PER_CPU_DEVICE = 32
 
 
+def usable_cores() -> int:
+    """How many cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_device_count(config: Any) -> int:
     """How many CPU devices a study process should expose (``config.cpu_devices``; 0 = auto).
 
@@ -123,7 +128,7 @@ def cpu_device_count(config: Any) -> int:
         raise ValueError(f"config.cpu_devices must be 0 (one per core) or a positive count, got {n!r}")
     if n:
         return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, min(cores, int(config.generation.batch_size) // MIN_SLOTS_PER_CPU_DEVICE))
 
 
@@ -170,7 +175,7 @@ def local_process_plan(config: Any) -> tuple[int, int] | None:
     if config.get("distributed", False) or launched_by_cluster():
         return None  # the processes exist already (a pinned one sees only its own cores)
     devices = cpu_device_count(config)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if n:
         if devices % n:
             raise ValueError(f"config.cpu_processes={n} does not divide the study's {devices} CPU devices "
