@@ -132,6 +132,13 @@ def cpu_device_count(config: Any) -> int:
     return max(1, min(cores, int(config.generation.batch_size) // MIN_SLOTS_PER_CPU_DEVICE))
 
 
+def device_count_set_by_env() -> bool:
+    """Whether the environment fixes the CPU device count (``JAX_NUM_CPU_DEVICES``, or
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``): then it, not the config, decides."""
+    return bool(os.environ.get("JAX_NUM_CPU_DEVICES")) or "xla_force_host_platform_device_count" in os.environ.get(
+        "XLA_FLAGS", "")
+
+
 def pin_cores_from_env() -> None:
     """Pins this process to the cores in ``$CNA_CPU_CORES`` (set by launch/local_cluster.py
     ``--pin_cores``); nothing when unset. Must run before the JAX backend starts: its threads inherit
@@ -186,8 +193,7 @@ def local_process_plan(config: Any) -> tuple[int, int] | None:
         n = devices if devices <= cores else 1
     if n < 2 or accelerator_host():
         return None
-    if os.environ.get("JAX_NUM_CPU_DEVICES") or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
+    if device_count_set_by_env():
         return None
     return n, devices // n
 
@@ -199,8 +205,7 @@ def configure_cpu_devices(config: Any) -> int | None:
     CPU backend is affected: on a GPU or TPU host the mesh is built from the accelerators."""
     if config.get("distributed", False) or launched_by_cluster():
         return None
-    if os.environ.get("JAX_NUM_CPU_DEVICES") or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
+    if device_count_set_by_env():
         return None
     import jax
 
