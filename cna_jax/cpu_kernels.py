@@ -1,22 +1,31 @@
-"""Hand-written CPU kernels behind XLA's FFI; today one: the engine's decode attention.
+"""Hand-written CPU kernels behind XLA's FFI: the engine's decode attention and its weight products.
 
-Why: in a decode step each slot's 1-4 query rows per KV head meet the whole cache window. XLA:CPU runs
-that as batched matmuls over every column, masked ones included, at ~7 GB/s of cache read (the largest
-cost of a SmolLM2 step at 64 slots after the weight products). ``csrc/decode_attention.cc`` reads only
-the columns each slot's mask marks valid, so it costs what the slots' real lengths do (about half the
-window in the study's jobs), and is ~2x faster per column read.
+Decode attention: in a decode step each slot's 1-4 query rows per KV head meet the whole cache window.
+XLA:CPU runs that as batched matmuls over every column, masked ones included, at ~7 GB/s of cache read
+(the largest cost of a SmolLM2 step at 64 slots after the weight products). ``csrc/decode_attention.cc``
+reads only the columns each slot's mask marks valid, so it costs what the slots' real lengths do (about
+half the window in the study's jobs), and is ~2x faster per column read.
 
-The kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
+Packed matmul: a decode step multiplies a few dozen rows by every weight once, streaming the weights from
+memory; XLA:CPU repacks each weight per call, which at 32 rows costs about as much as the arithmetic.
+``csrc/packed_matmul.cc`` reads weights :func:`pack` laid out once per model (a second copy of every
+weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.decode_weights``
+says when the engine uses it).
+
+Each kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
 ``~/.cache/cna_jax/kernels``), keyed by its source, jaxlib's version and the flags, and registered with
-``jax.ffi``. Fixed flags (AVX2 + FMA on x86-64 that has them, else portable code) give the same bits on
-every machine of a kind. Without a compiler, or with ``CNA_JAX_CPU_KERNELS=0``, the model keeps its XLA
-path (one warning); both agree to float32 rounding (tests/test_cpu_kernels.py).
+``jax.ffi``. Fixed flags give the same bits on every machine of a kind: AVX2 + FMA on x86-64 that has
+them, else portable code; the matmul also uses AVX-512 where the CPU has it, with the same bits as its
+AVX2 and portable builds (each output is one multiply-add chain in k order). Without a compiler, or with
+``CNA_JAX_CPU_KERNELS=0``, the model keeps its XLA path (one warning); both agree to float32 rounding
+(tests/test_cpu_kernels.py).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -32,7 +41,9 @@ from cna_jax import cache_root
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "cna_decode_attention"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode_attention.cc")
+PACKED_MATMUL = "cna_packed_matmul"
+PANEL = 48  # columns per packed weight panel (kPanel in csrc/packed_matmul.cc)
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _COMMON_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno", "-fopenmp-simd", "-w")
 ENV = "CNA_JAX_CPU_KERNELS"  # "0" turns the kernels off
 
@@ -48,27 +59,32 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _arch_flags() -> tuple[str, ...]:
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        return ("-mavx2", "-mfma")
-    return ()
+def _arch_flags(widest: bool = False) -> tuple[str, ...]:
+    """AVX2 + FMA on x86-64 that has them (with ``widest``: AVX-512 where the CPU has it), else none."""
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
+        return ()
+    if widest and "avx512f" in flags:
+        return ("-mavx2", "-mfma", "-mavx512f")
+    return ("-mavx2", "-mfma")
 
 
-def _build(compiler: str) -> str:
-    """Compiles the kernel library once per (source, jaxlib, flags); returns its path."""
+def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
+    """Compiles ``csrc/<name>.cc`` once per (source, jaxlib, flags); returns the library's path."""
     import jaxlib
 
-    flags = _COMMON_FLAGS + _arch_flags()
-    with open(_SOURCE, "rb") as f:
+    flags = _COMMON_FLAGS + flags
+    source = os.path.join(_CSRC, f"{name}.cc")
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + repr((jaxlib.__version__, flags)).encode()).hexdigest()[:16]
-    path = os.path.join(cache_root(), "kernels", f"decode_attention-{key}.so")
+    path = os.path.join(cache_root(), "kernels", f"{name}-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", source, "-o", tmp]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
         os.replace(tmp, path)  # atomic: a concurrent process sees no library or a whole one
     finally:
@@ -77,29 +93,40 @@ def _build(compiler: str) -> str:
     return path
 
 
-def _build_and_register() -> bool:
+# name (csrc/<name>.cc) -> (its handler symbol, the FFI target, whether it is built for the widest vectors)
+_KERNELS = {"decode_attention": ("CnaDecodeAttention", DECODE_ATTENTION, False),
+            "packed_matmul": ("CnaPackedMatmul", PACKED_MATMUL, True)}
+
+
+def _build_and_register(name: str) -> bool:
+    symbol, target, widest = _KERNELS[name]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        log.warning("cna_jax: no C++ compiler found; decode attention on CPU uses the (slower) XLA path")
+        log.warning("cna_jax: no C++ compiler found; %s on CPU uses the (slower) XLA path", name)
         return False
     try:
         import ctypes
 
-        lib = ctypes.cdll.LoadLibrary(_build(compiler))
-        jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.CnaDecodeAttention), platform="cpu")
+        lib = ctypes.cdll.LoadLibrary(_build(compiler, name, _arch_flags(widest)))
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or e
-        log.warning("cna_jax: building the CPU decode-attention kernel failed (%s); using the XLA path", detail)
+        log.warning("cna_jax: building the CPU kernel %s failed (%s); using the XLA path", name, detail)
         return False
     return True
 
 
-_load = functools.cache(_build_and_register)  # once per process
+_load = functools.cache(_build_and_register)  # once per process and kernel
 
 
 def enabled() -> bool:
     """Whether the decode-attention kernel is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
-    return os.environ.get(ENV, "1") != "0" and _load()
+    return os.environ.get(ENV, "1") != "0" and _load("decode_attention")
+
+
+def matmul_enabled() -> bool:
+    """Whether the packed-weight matmul kernel is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
+    return os.environ.get(ENV, "1") != "0" and _load("packed_matmul")
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -110,3 +137,21 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     call = jax.ffi.ffi_call(DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask.astype(bool),
                 scale=np.float32(scale))
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """w [K, N] float32 -> [ceil(N / PANEL), K, PANEL]: column panels, k-major, zero past N (the layout
+    :func:`packed_matmul` reads)."""
+    k, n = w.shape
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, -n % PANEL)))
+    return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+
+
+def packed_matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
+    """x [..., K] times the weight w [K, N] that :func:`pack` made ``w_packed`` from -> [..., N] float32.
+
+    Each output is one fused multiply-add chain over K in order: the same bits on AVX-512 and AVX2."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    call = jax.ffi.ffi_call(PACKED_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    return call(x.reshape(rows, k).astype(jnp.float32), w_packed).reshape(*lead, n)

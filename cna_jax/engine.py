@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax import cpu_kernels
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import (CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions,
                                   rope_inv_freq, rope_tables)
@@ -192,7 +193,14 @@ def empty_state_fn(*, cfg: ModelConfig, dtype, slots: int, width: int, max_new_t
                      jnp.ones((s,), bool), jnp.zeros((s,), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def prefix_fn(params, prefix_tokens, table, *, cfg: ModelConfig, dtype, cache_sharding=None) -> KVCache:
+def _variables(params, packed) -> dict:
+    """The Decoder's variables: ``packed`` (:func:`packed_weights`, or None) runs its weight products
+    through the CPU kernel."""
+    return {"params": params} if packed is None else {"params": params, "packed": packed}
+
+
+def prefix_fn(params, prefix_tokens, table, packed=None, *, cfg: ModelConfig, dtype, cache_sharding=None
+              ) -> KVCache:
     """Keys/values ``[L, C, K, Q, D]`` of the shared prefix [Q] under each of the C conditions.
 
     cache_sharding: the stacked cache's NamedSharding on a mesh (``Layout.sharding(CACHE_AXES)``), or None."""
@@ -200,7 +208,7 @@ def prefix_fn(params, prefix_tokens, table, *, cfg: ModelConfig, dtype, cache_sh
     tokens = jnp.broadcast_to(prefix_tokens[None].astype(jnp.int32), (c, q))
     positions = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32)[None], (c, q))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool))[None], (c, q, q))
-    out = Decoder(cfg, dtype, cache_sharding).apply({"params": params}, tokens, positions, mask,
+    out = Decoder(cfg, dtype, cache_sharding).apply(_variables(params, packed), tokens, positions, mask,
                                                     cache=KVCache.zeros(cfg, c, q, dtype, cache_sharding),
                                                     cache_slot=0, return_logits=False,
                                     intervention=Intervention(*table, jnp.arange(c, dtype=jnp.int32)))
@@ -237,7 +245,7 @@ def _prompt_inputs(cfg: ModelConfig, dtype, prefix_kv, valid, cond, cache_shardi
     return cache, kv_valid, mask, q
 
 
-def store_fn(params, prefix_kv, tokens, valid, cond, table, *, cfg: ModelConfig, dtype, stop: int,
+def store_fn(params, prefix_kv, tokens, valid, cond, table, packed=None, *, cfg: ModelConfig, dtype, stop: int,
              cache_sharding=None) -> tuple[KVCache, jax.Array]:
     """The unmodified model on N left-padded suffixes [N, T] up to layer ``stop``: keys/values of layers
     ``< stop`` at the suffix columns (a KVCache of [stop, N, K, T, D]) and the residual entering layer ``stop``
@@ -247,13 +255,13 @@ def store_fn(params, prefix_kv, tokens, valid, cond, table, *, cfg: ModelConfig,
     p, t = tokens.shape
     cache, _, mask, q = _prompt_inputs(cfg, dtype, prefix_kv, valid, cond, cache_sharding)
     out = Decoder(cfg, dtype, cache_sharding).apply(
-        {"params": params}, tokens, q + padding_positions(valid), mask, None, cache, q, return_logits=False,
+        _variables(params, packed), tokens, q + padding_positions(valid), mask, None, cache, q, return_logits=False,
         return_residuals=True, residual_layers=(stop,), stop=stop, intervention=Intervention(*table, cond))
     return KVCache(*(x[:stop, :, :, q:] for x in out.cache)), out.residuals[0]
 
 
 def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, store_kv=None, store_res=None, store_idx=None,
-               *, cfg: ModelConfig, dtype, width: int, max_new_tokens: int, cache_sharding=None,
+               packed=None, *, cfg: ModelConfig, dtype, width: int, max_new_tokens: int, cache_sharding=None,
                start: int = 0) -> Staged:
     """Prefills P rows (left-padded suffixes ``tokens``, ``valid`` [P, t], t <= T) under conditions ``cond`` [P].
 
@@ -276,7 +284,7 @@ def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, store_kv=
             c, jnp.take(x, store_idx, axis=1)[:, :, :, cut:].astype(c.dtype), (0, 0, 0, q, 0)), cache_sharding)
             for c, x in zip(cache, store_kv)))
         residual = jnp.take(store_res, store_idx, axis=0)[:, cut:]
-    out = model.apply({"params": params}, tokens, q + padding_positions(valid), mask, None, cache, q,
+    out = model.apply(_variables(params, packed), tokens, q + padding_positions(valid), mask, None, cache, q,
                       select=jnp.full((p, 1), t - 1, jnp.int32),
                       intervention=Intervention(*table, cond), start=start or None, residual=residual)
     first = greedy_tokens(out.logits[:, 0]).astype(jnp.int32)
@@ -351,12 +359,15 @@ def sharded_place_fn(layout, state_sh: SlotState, staged_sh: Staged) -> Callable
     return shard_map(local, mesh=layout.mesh, in_specs=(state_specs, staged_specs, rep, rep), out_specs=state_specs)
 
 
-def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dtype, steps: int,
+def decode_fn(params, state: SlotState, table, eos_ids, packed=None, *, cfg: ModelConfig, dtype, steps: int,
               cache_sharding=None) -> SlotState:
     """Up to ``steps`` greedy steps over every slot; stops early once all slots are done.
     ``cache_sharding``: on a mesh, ``Layout.sharding(CACHE_AXES)`` (each layer's cache is that less the
-    layer axis); the attention kernel (cna_jax.cpu_kernels) then runs per device in ``shard_map``."""
+    layer axis); the attention kernel (cna_jax.cpu_kernels) then runs per device in ``shard_map``.
+    packed: :func:`packed_weights` (the weight products through the CPU kernel), or None."""
     model = Decoder(cfg, dtype, cache_sharding)
+    variables = _variables(params, packed)
+    vocab_major = packed is None  # the packed head returns [S, 1, V] as it is
     s, w = state.kv_valid.shape
     n = state.out.shape[1]
     ring = n  # generated-token columns at the end of each slot
@@ -373,10 +384,11 @@ def decode_fn(params, state: SlotState, table, eos_ids, *, cfg: ModelConfig, dty
         i, st = carry
         col = (w - ring) + st.clock % ring
         kv_valid = jax.lax.dynamic_update_slice(st.kv_valid, jnp.ones((s, 1), bool), (0, col))
-        res = model.apply({"params": params}, st.tok[:, None], st.pos[:, None], kv_valid[:, None, :], None,
-                          st.cache, col, intervention=Intervention(*table, st.cond), vocab_major_logits=True,
+        res = model.apply(variables, st.tok[:, None], st.pos[:, None], kv_valid[:, None, :], None,
+                          st.cache, col, intervention=Intervention(*table, st.cond), vocab_major_logits=vocab_major,
                           rope=tuple(jax.lax.dynamic_slice_in_dim(r, i, 1, axis=1) for r in chunk_rope))
-        nxt = greedy_tokens(res.logits[:, :, 0], axis=0)  # logits [V, S, 1]
+        # logits [V, S, 1] (vocab-major) or [S, 1, V]
+        nxt = greedy_tokens(res.logits[:, :, 0], axis=0) if vocab_major else greedy_tokens(res.logits[:, 0], axis=-1)
         active = ~st.done
         out = jnp.where(active[:, None] & (cols == st.step[:, None]), nxt[:, None], st.out)
         step = st.step + active
@@ -405,6 +417,50 @@ def decode_compiler_options(platform: str) -> dict | None:
     return DECODE_CPU_COMPILER_OPTIONS if platform == "cpu" else None
 
 
+# On one CPU device the engine's weight products run as cpu_kernels.packed_matmul over weights packed once
+# per model. One core, SmolLM2 shapes ([R, 576] x [576, 1536] and the like, weights from memory; the
+# AVX-512 machine of BENCHMARKS.md, 2026-12-05), GFLOP/s packed against XLA:CPU's: R = 16 rows 87-90 / 52-54,
+# 32 rows 95-104 / 71-82, 48 rows 101-106 / 98, 64 rows 100-108 / 105-108 (XLA's per-call packing is
+# paid back there), 256-512 rows (prefill) 91-112 / 81-105. So prefill always takes the packed weights
+# and a decode step only up to this many slots.
+PACKED_MAX_SLOTS = 48
+_packed_cache: dict = {}  # "params": the params last packed (held, so the identity check stays sound), "packed"
+
+
+def _pack_params(params, *, cfg: ModelConfig) -> dict:
+    """The ``packed`` collection of the Decoder: every layer's q/k/v/o and gate/up/down kernels and the
+    LM head as :func:`cna_jax.cpu_kernels.pack` panels (a second copy of the weights in memory)."""
+    def flat(kernel, inputs):  # a Dense(General) kernel as [In, Out]
+        return cpu_kernels.pack(kernel.reshape(inputs, -1))
+
+    e = cfg.hidden_size
+    packed = {}
+    for layer in range(cfg.num_hidden_layers):
+        p = params[f"layers_{layer}"]
+        attn = {n: flat(p["self_attn"][n]["kernel"], e) for n in ("q_proj", "k_proj", "v_proj")}
+        attn["o_proj"] = flat(p["self_attn"]["o_proj"]["kernel"], cfg.num_attention_heads * cfg.head_dim)
+        mlp = {n: flat(p["mlp"][n]["kernel"], e) for n in ("gate_proj", "up_proj")}
+        mlp["down_proj"] = flat(p["mlp"]["down_proj"]["kernel"], cfg.intermediate_size)
+        packed[f"layers_{layer}"] = {"self_attn": attn, "mlp": mlp}
+    head = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    packed["head"] = flat(head, e)
+    return packed
+
+
+def packed_weights(lm) -> dict | None:
+    """``lm``'s weights packed for the CPU kernel (the ``packed`` argument of the engine's functions), or
+    None where XLA's dots run: off CPU, on a mesh, not float32, or the kernel off / not built
+    (``CNA_JAX_CPU_KERNELS``). Packed once per params object; the last model's copy is kept for the next
+    job (about the size of its float32 weights)."""
+    if (lm.layout is not None or jnp.dtype(lm.dtype) != jnp.float32 or jax.default_backend() != "cpu"
+            or not cpu_kernels.matmul_enabled()):
+        return None
+    if _packed_cache.get("params") is not lm.params:
+        _packed_cache.clear()  # free the previous model's copy before making this one
+        _packed_cache.update(params=lm.params, packed=_pack_jit(lm.params, cfg=lm.cfg))
+    return _packed_cache["packed"]
+
+
 # Jitted single-device entry points (static shapes come from the arguments).
 _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots", "width", "max_new_tokens"))
 _prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
@@ -412,6 +468,7 @@ _prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_ne
 _store = jax.jit(store_fn, static_argnames=("cfg", "dtype", "stop", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
 _retire = jax.jit(retire_fn, donate_argnums=(0,))
+_pack_jit = jax.jit(_pack_params, static_argnames=("cfg",))
 
 
 @functools.cache
@@ -430,6 +487,7 @@ class Functions:
     prefill: Callable
     place: Callable  # (state, staged, src, slot_idx) -> SlotState
     decode: Callable  # (params, state, table, eos_ids) -> SlotState
+    # prefix, prefill, store and decode take packed= (:func:`packed_weights`) on a single device
     retire: Callable  # (done [S], mask [S]) -> done
     put_rows: Callable  # host [P, ...] arrays -> device arrays (prefill's rows, place's indices)
     put_table: Callable  # host condition arrays -> device arrays
@@ -438,9 +496,9 @@ class Functions:
     # j // (P // g), slot group s // (S // g)), so placing moves no data across devices.
     groups: Callable[[int], int] = lambda p: 1
 
-    def insert(self, params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids) -> SlotState:
+    def insert(self, params, state, prefix_kv, tokens, valid, cond, slot_idx, table, eos_ids, **packed) -> SlotState:
         """Prefill P rows and place row i in slot ``slot_idx[i]`` (>= S drops it): the two calls at once."""
-        staged = self.prefill(params, prefix_kv, *self.put_rows(tokens, valid, cond), table, eos_ids)
+        staged = self.prefill(params, prefix_kv, *self.put_rows(tokens, valid, cond), table, eos_ids, **packed)
         p = np.shape(tokens)[0]
         return self.place(state, staged, *self.put_rows(np.arange(p, dtype=np.int32), np.asarray(slot_idx, np.int32)))
 
@@ -682,7 +740,9 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     table = fns.put_table(table_host)
     pad = lm.pad_id() if pad_id is None else pad_id
     eos = jnp.asarray(list(lm.eos_ids() if eos_ids is None else eos_ids) or [pad], jnp.int32)
-    prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table) if q else None
+    packed = {} if lm.layout is not None else {"packed": packed_weights(lm)}
+    decode_packed = packed if slots <= PACKED_MAX_SLOTS else {}
+    prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table, **packed) if q else None
     state = fns.empty()
     p = prefill_rows(slots, q + t)
 
@@ -704,7 +764,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         for i in range(0, len(seqs), p):
             tokens, valid = left_pad(seqs[i:i + p], t, pad, batch=p)
             parts.append(fns.store(lm.params, prefix_kv, *fns.put_rows(tokens, valid, np.full((p,), c0)), table,
-                                   stop=start))
+                                   stop=start, **packed))
         store_kv = KVCache(*(jnp.concatenate([x[0][j] for x in parts], axis=1) for j in range(2)))
         store_res = jnp.concatenate([x[1] for x in parts], axis=0)
 
@@ -732,9 +792,10 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
                 if from_start[new[0]]:
                     idx = np.array([where[tuple(x)] for x in seqs] + [where[tuple(seqs[0])]] * (p - len(new)), np.int32)
                     staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos,
-                                         store_kv, store_res, *fns.put_rows(idx), start=start)
+                                         store_kv, store_res, *fns.put_rows(idx), start=start, **packed)
                 else:
-                    staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos)
+                    staged = fns.prefill(lm.params, prefix_kv, *fns.put_rows(tokens, valid, cond), table, eos,
+                                         **packed)
                 ready = list(enumerate(new))
             # Pair ready rows with free slots of their own device group.
             pairs, left = [], []
@@ -752,7 +813,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
             src = np.array([j for j, _, _ in pairs] + [0] * (p - len(pairs)), np.int32)
             dst = np.array([s for _, s, _ in pairs] + [slots] * (p - len(pairs)), np.int32)  # slots = dropped
             state = fns.place(state, staged, *fns.put_rows(src, dst))
-        state = fns.decode(lm.params, state, table, eos)
+        state = fns.decode(lm.params, state, table, eos, **decode_packed)
         done, step = lm.to_host(state.done), lm.to_host(state.step)
         ended = [s for s, o in enumerate(occupant) if o >= 0 and done[s]]
         out = lm.to_host(state.out) if ended or stop is not None else None

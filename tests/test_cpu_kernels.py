@@ -1,7 +1,9 @@
 """The CPU decode-attention kernel (cna_jax/csrc/decode_attention.cc through cna_jax.cpu_kernels) against a
 float64 NumPy softmax-attention written here, and its place in the engine's compiled decode step (one
-device and a (4, 1, 2) mesh). Greedy tokens through it are checked against HF ``generate`` by
-tests/test_engine.py and tests/test_steering.py, which run the engine with the kernel on (the default)."""
+device and a (4, 1, 2) mesh); the packed-weight matmul (csrc/packed_matmul.cc) against float64 NumPy,
+its builds for other vector widths bit for bit, and the engine's prefill and decode through it against
+XLA's dots. Greedy tokens through both kernels are checked against HF ``generate`` by tests/test_engine.py
+and tests/test_steering.py, which run the engine with the kernels on (the default)."""
 import logging
 
 import jax
@@ -90,7 +92,8 @@ def test_without_a_compiler_the_model_keeps_its_xla_path(monkeypatch, caplog):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger="cna_jax.cpu_kernels"):
-        assert cpu_kernels._build_and_register() is False
+        assert cpu_kernels._build_and_register("decode_attention") is False
+        assert cpu_kernels._build_and_register("packed_matmul") is False
     assert "no C++ compiler" in caplog.text
 
 
@@ -99,5 +102,100 @@ def test_a_failing_build_is_reported_not_raised(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("CNA_JAX_CACHE", str(tmp_path))  # nothing built there yet
     with caplog.at_level(logging.WARNING, logger="cna_jax.cpu_kernels"):
-        assert cpu_kernels._build_and_register() is False
-    assert "building the CPU decode-attention kernel failed" in caplog.text
+        assert cpu_kernels._build_and_register("packed_matmul") is False
+    assert "building the CPU kernel packed_matmul failed" in caplog.text
+
+
+@pytest.mark.parametrize("m,k,n", [(32, 64, 96), (5, 37, 50), (1, 8, 1), (13, 130, 200), (48, 96, 48)])
+def test_packed_matmul_matches_a_float64_product(m, k, n):
+    """Rows that do not fill a register tile, columns past the last whole panel, odd K. float32 rounding of a
+    K-term multiply-add chain: <= K * eps relative to sum |x| |w|."""
+    assert cpu_kernels.matmul_enabled()
+    rng = np.random.default_rng(m * 7 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    wp = jax.jit(cpu_kernels.pack)(w)
+    assert wp.shape == (-(-n // cpu_kernels.PANEL), k, cpu_kernels.PANEL)
+    got = np.asarray(jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, wp, n))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    assert got.shape == (m, n) and (np.abs(got - want) <= bound).all()
+    # Leading axes are rows: [2, 3, K] x w is the [6, K] product.
+    x3 = rng.standard_normal((2, 3, k)).astype(np.float32)
+    got3 = np.asarray(jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x3, wp, n))
+    np.testing.assert_array_equal(got3.reshape(6, n), np.asarray(cpu_kernels.packed_matmul(x3.reshape(6, k), wp, n)))
+
+
+def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
+    """The build the engine uses (AVX-512 where the CPU has it) against the AVX2 + FMA build and the portable
+    one (no vector flags: std::fma per term), all loaded here: every output is the same multiply-add chain,
+    so the bits are equal (the claim that makes results independent of the vector width)."""
+    import ctypes
+    import shutil
+
+    assert cpu_kernels.matmul_enabled()
+    monkeypatch.setenv("CNA_JAX_CACHE", str(tmp_path))
+    compiler = shutil.which("g++") or shutil.which("c++")
+    rng = np.random.default_rng(0)
+    m, k, n = 11, 75, 100
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wp = cpu_kernels.pack(rng.standard_normal((k, n)).astype(np.float32))
+    want = np.asarray(cpu_kernels.packed_matmul(x, wp, n))
+    builds = {"portable": ()}
+    if cpu_kernels._arch_flags():
+        builds["avx2"] = cpu_kernels._arch_flags()
+    for name, flags in builds.items():
+        lib = ctypes.cdll.LoadLibrary(cpu_kernels._build(compiler, "packed_matmul", flags))
+        target = f"test_packed_matmul_{name}"
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.CnaPackedMatmul), platform="cpu")
+        got = np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, wp))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_engine_through_packed_weights(tiny, monkeypatch):
+    """engine.packed_weights packs a model once (the same object for the next job), only on one CPU device in
+    float32. Compiled with them, prefill and the decode step call the kernel for every weight product (7 per
+    layer and the head), and prefill plus 4 decode steps give XLA's greedy tokens (the kernel only
+    reorders float32 sums)."""
+    path, cfg, params = tiny
+
+    class Lm:  # what packed_weights reads of an LM
+        layout, dtype = None, jnp.float32
+
+    lm = Lm()
+    lm.cfg, lm.params = cfg, params
+    packed = engine.packed_weights(lm)
+    assert packed is not None and engine.packed_weights(lm) is packed
+    lm.dtype = jnp.bfloat16
+    assert engine.packed_weights(lm) is None
+    lm.dtype = jnp.float32
+    slots, width, n = 8, 24, 8
+    fns = engine.single_device_functions(cfg, jnp.float32, slots, width, n, 4)
+    mult = np.where(np.arange(cfg.num_neurons) % 3, 1.0, 0.0).reshape(cfg.num_hidden_layers, -1)
+    table = fns.put_table(engine.stack_conditions(cfg, [engine.Condition(), engine.Condition(neuron_mult=mult)]))
+    never = jnp.asarray([-1], jnp.int32)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, cfg.vocab_size, (2, 6)).astype(np.int32)
+    valid = np.ones_like(tokens, bool)
+    valid[1, :2] = False  # left padding
+    cond = np.arange(2, dtype=np.int32)
+    kernel_calls = 7 * cfg.num_hidden_layers + 1
+    text = engine._prefill.lower(params, None, tokens, valid, cond, table, never, packed=packed, cfg=cfg,
+                                 dtype=jnp.float32, width=width - n, max_new_tokens=n).compile().as_text()
+    assert text.count(f'custom_call_target="{cpu_kernels.PACKED_MATMUL}"') == kernel_calls
+    states = {}
+    for name, kw in (("packed", {"packed": packed}), ("xla", {})):
+        state = fns.empty()
+        for i in range(0, slots, 2):  # every slot, in prefill calls of 2 rows
+            state = fns.insert(params, state, None, tokens, valid, cond, np.arange(i, i + 2, dtype=np.int32), table,
+                               never, **kw)
+        states[name] = fns.decode(params, state, table, never, **kw)
+    text = jax.jit(engine.decode_fn, static_argnames=("cfg", "dtype", "steps")).lower(
+        params, state, table, never, packed, cfg=cfg, dtype=jnp.float32, steps=4).compile().as_text()
+    assert text.count(f'custom_call_target="{cpu_kernels.PACKED_MATMUL}"') == kernel_calls
+    ours, xla = states["packed"], states["xla"]
+    np.testing.assert_array_equal(np.asarray(ours.out), np.asarray(xla.out))
+    assert int(np.asarray(ours.step).min()) == 5  # the prefill's token and 4 decode steps
+    np.testing.assert_allclose(np.asarray(ours.cache.k[-1]), np.asarray(xla.cache.k[-1]), rtol=0, atol=1e-5)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert engine.packed_weights(lm) is None

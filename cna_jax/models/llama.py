@@ -145,6 +145,15 @@ class RMSNorm(nn.Module):
         return weight * x32.astype(x.dtype)
 
 
+def _packed_dense(module: nn.Module, name: str, x: jax.Array, features: int) -> jax.Array | None:
+    """x [..., In] times the weight ``name`` of ``module`` [In, features] through the CPU kernel, when the
+    caller passed that weight pre-packed in the ``packed`` collection (the engine's decode step on one CPU
+    device: :func:`cna_jax.engine.decode_weights`); None otherwise (the caller's Flax layer runs)."""
+    if not module.has_variable("packed", name):
+        return None
+    return cpu_kernels.packed_matmul(x, module.get_variable("packed", name), features)
+
+
 def _cache_spec(sharding) -> tuple:
     """The stacked cache's PartitionSpec [L, B, K, S, D] as a 5-tuple."""
     spec = tuple(sharding.spec)
@@ -216,6 +225,10 @@ class Attention(nn.Module):
         h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def proj(name, heads, axes):
+            y = _packed_dense(self, name, x.reshape(x.shape[:2] + (-1,)), heads * d)
+            if y is not None:
+                y = y.reshape(x.shape[:2] + (heads, d))
+                return y + self.get_variable("params", name)["bias"] if cfg.attention_bias else y
             return nn.DenseGeneral(
                 (heads, d), use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.dtype, name=name,
                 kernel_init=_param_init(_dense_init, ("embed",) + axes),
@@ -263,6 +276,9 @@ class Attention(nn.Module):
         else:
             out = _xla_attention(q, k, v, mask, self.dtype, decode=per_layer)
         out = out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+        packed = _packed_dense(self, "o_proj", out.reshape(b, t, h * d), cfg.hidden_size)
+        if packed is not None:
+            return packed, cache
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
             name="o_proj", kernel_init=_param_init(_dense_init, ("heads", "head_dim", "embed")))(out)
@@ -280,6 +296,8 @@ class MLP(nn.Module):
         """x: [B, T, E]; neuron_mult: [I] (every row), [B, I] (per row) or None.
         Returns (out [B, T, E], neurons [B, T, I])."""
         def dense(name, features, axes):
+            if self.has_variable("packed", name):
+                return functools.partial(_packed_dense, self, name, features=features)
             return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name,
                             kernel_init=_param_init(_dense_init, axes))
 
@@ -436,6 +454,10 @@ class Decoder(nn.Module):
         if select is not None:
             x = _take_positions(x, select)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        logits = _packed_dense(self, "head", x, cfg.vocab_size)
+        if logits is not None:
+            logits = jnp.moveaxis(logits, -1, 0) if vocab_major_logits else logits
+            return DecoderOutput(logits, cache, neurons_out, residuals_out)
         if cfg.tie_word_embeddings and vocab_major_logits:
             table = embed.embedding.astype(self.dtype)
             return DecoderOutput(jnp.einsum("ve,bte->vbt", table, x.astype(self.dtype)).astype(jnp.float32), cache,

@@ -1,0 +1,130 @@
+// y = x w on CPU with w pre-packed into column panels: the decode step's weight products. An XLA FFI
+// handler (cna_jax/cpu_kernels.py builds and registers it). Shapes: x [M, K], w_packed [P, K, 48] (panel p
+// holds columns 48p .. 48p + 47 of w [K, N], k-major; columns past N are zero), y [M, N]; all float32.
+//
+// Why packed: a decode step multiplies a few dozen rows by every weight matrix once, so the weights come
+// from memory each step. XLA:CPU's matmul copies ("packs") each weight into a cache-friendly layout per
+// call; that copy costs as much as the arithmetic at these shapes. Packed once per job, a panel is read
+// straight into registers (one-core rates and the trade in cpu_kernels.py).
+//
+// Every y[m, n] is one fused multiply-add chain over k = 0 .. K-1 in order, whatever the vector width, so
+// the AVX-512, AVX2+FMA and portable (std::fma) builds give the same bits.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 48;  // columns per packed panel (cpu_kernels.PANEL)
+
+#if defined(__AVX512F__)
+typedef __m512 Vec;
+constexpr int kLanes = 16, kRows = 8;
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec Splat(float a) { return _mm512_set1_ps(a); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Zero() { return _mm512_setzero_ps(); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 Vec;
+constexpr int kLanes = 8, kRows = 4;
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec Splat(float a) { return _mm256_set1_ps(a); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Zero() { return _mm256_setzero_ps(); }
+#else
+#define CNA_PORTABLE 1
+constexpr int kRows = 4;
+#endif
+
+#ifndef CNA_PORTABLE
+// 3 vectors of columns x kRows rows accumulate in registers (24 or 12 accumulators).
+constexpr int kVecs = 3, kCols = kVecs * kLanes;
+static_assert(kPanel % kCols == 0, "a panel is a whole number of tiles");
+
+// c [kRows, kCols] (row stride ldc) = a [kRows, K] (row stride lda) times the panel's columns b [K, kCols]
+// (row stride kPanel).
+inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float* c, int64_t ldc) {
+  Vec acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = Zero();
+  for (int64_t k = 0; k < k_n; ++k) {
+    const float* bk = b + k * kPanel;
+    Vec bv[kVecs];
+    for (int j = 0; j < kVecs; ++j) bv[j] = Load(bk + j * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec av = Splat(a[r * lda + k]);
+      for (int j = 0; j < kVecs; ++j) acc[r][j] = Fma(av, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kVecs; ++j) Store(c + r * ldc + j * kLanes, acc[r][j]);
+}
+#else
+constexpr int kCols = kPanel;
+inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float* c, int64_t ldc) {
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t j = 0; j < kCols; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < k_n; ++k) acc = std::fma(a[r * lda + k], b[k * kPanel + j], acc);
+      c[r * ldc + j] = acc;
+    }
+}
+#endif
+
+ffi::Error PackedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
+      yd[0] != xd[0] || yd[1] > wd[0] * kPanel || yd[1] <= (wd[0] - 1) * kPanel) {
+    return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], w [ceil(N / 48), K, 48], y [M, N]");
+  }
+  const int64_t m_n = xd[0], k_n = xd[1], n_n = yd[1], p_n = wd[0];
+  const float* a = x.typed_data();
+  const float* b = w.typed_data();
+  float* c = y->typed_data();
+  // A last row block short of kRows rows reads its rows from a zero-padded copy; a tile past M or N is
+  // computed whole into `tail` and its valid part copied out.
+  const int64_t full_rows = m_n - m_n % kRows;
+  std::vector<float> last_rows;
+  if (full_rows < m_n) {
+    last_rows.assign(kRows * k_n, 0.0f);
+    std::memcpy(last_rows.data(), a + full_rows * k_n, sizeof(float) * (m_n - full_rows) * k_n);
+  }
+  float tail[kRows * kCols];
+  for (int64_t p = 0; p < p_n; ++p) {
+    const float* bp = b + p * k_n * kPanel;
+    for (int64_t c0 = 0; c0 < kPanel && p * kPanel + c0 < n_n; c0 += kCols) {
+      const int64_t n0 = p * kPanel + c0;
+      const int64_t cols = n_n - n0 < kCols ? n_n - n0 : kCols;
+      for (int64_t m0 = 0; m0 < m_n; m0 += kRows) {
+        const int64_t rows = m_n - m0 < kRows ? m_n - m0 : kRows;
+        const float* am = rows == kRows ? a + m0 * k_n : last_rows.data();
+        if (rows == kRows && cols == kCols) {
+          Tile(am, k_n, bp + c0, k_n, c + m0 * n_n + n0, n_n);
+          continue;
+        }
+        Tile(am, k_n, bp + c0, k_n, tail, kCols);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (m0 + r) * n_n + n0, tail + r * kCols, sizeof(float) * cols);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
