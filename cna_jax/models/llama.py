@@ -147,8 +147,8 @@ class RMSNorm(nn.Module):
 
 def _packed_dense(module: nn.Module, name: str, x: jax.Array, features: int) -> jax.Array | None:
     """x [..., In] times the weight ``name`` of ``module`` [In, features] through the CPU kernel, when the
-    caller passed that weight pre-packed in the ``packed`` collection (the engine's decode step on one CPU
-    device: :func:`cna_jax.engine.decode_weights`); None otherwise (the caller's Flax layer runs)."""
+    caller passed that weight pre-packed in the ``packed`` collection (the engine's prefill and decode on
+    one CPU device: :func:`cna_jax.engine.packed_weights`); None otherwise (the caller's Flax layer runs)."""
     if not module.has_variable("packed", name):
         return None
     return cpu_kernels.packed_matmul(x, module.get_variable("packed", name), features)
@@ -225,7 +225,7 @@ class Attention(nn.Module):
         h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def proj(name, heads, axes):
-            y = _packed_dense(self, name, x.reshape(x.shape[:2] + (-1,)), heads * d)
+            y = _packed_dense(self, name, x, heads * d)
             if y is not None:
                 y = y.reshape(x.shape[:2] + (heads, d))
                 return y + self.get_variable("params", name)["bias"] if cfg.attention_bias else y
