@@ -740,7 +740,8 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     table = fns.put_table(table_host)
     pad = lm.pad_id() if pad_id is None else pad_id
     eos = jnp.asarray(list(lm.eos_ids() if eos_ids is None else eos_ids) or [pad], jnp.int32)
-    packed = {} if lm.layout is not None else {"packed": packed_weights(lm)}
+    weights = packed_weights(lm)  # None on a mesh, so the sharded functions never see the argument
+    packed = {} if weights is None else {"packed": weights}
     decode_packed = packed if slots <= PACKED_MAX_SLOTS else {}
     prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table, **packed) if q else None
     state = fns.empty()
