@@ -9,8 +9,8 @@ half the window in the study's jobs), and is ~2x faster per column read.
 Packed matmul: a decode step multiplies a few dozen rows by every weight once, streaming the weights from
 memory; XLA:CPU repacks each weight per call, which at 32 rows costs about as much as the arithmetic.
 ``csrc/packed_matmul.cc`` reads weights :func:`pack` laid out once per model (a second copy of every
-weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.decode_weights``
-says when the engine uses it).
+weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.packed_weights``
+and ``engine.PACKED_MAX_SLOTS`` say when the engine uses it).
 
 Each kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
 ``~/.cache/cna_jax/kernels``), keyed by its source, jaxlib's version and the flags, and registered with

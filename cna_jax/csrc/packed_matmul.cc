@@ -1,10 +1,10 @@
-// y = x w on CPU with w pre-packed into column panels: the decode step's weight products. An XLA FFI
+// y = x w on CPU with w pre-packed into column panels: the engine's weight products. An XLA FFI
 // handler (cna_jax/cpu_kernels.py builds and registers it). Shapes: x [M, K], w_packed [P, K, 48] (panel p
 // holds columns 48p .. 48p + 47 of w [K, N], k-major; columns past N are zero), y [M, N]; all float32.
 //
 // Why packed: a decode step multiplies a few dozen rows by every weight matrix once, so the weights come
 // from memory each step. XLA:CPU's matmul copies ("packs") each weight into a cache-friendly layout per
-// call; that copy costs as much as the arithmetic at these shapes. Packed once per job, a panel is read
+// call; that copy costs as much as the arithmetic at these shapes. Packed once per model, a panel is read
 // straight into registers (one-core rates and the trade in cpu_kernels.py).
 //
 // Every y[m, n] is one fused multiply-add chain over k = 0 .. K-1 in order, whatever the vector width, so
