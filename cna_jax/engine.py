@@ -417,12 +417,13 @@ def decode_compiler_options(platform: str) -> dict | None:
     return DECODE_CPU_COMPILER_OPTIONS if platform == "cpu" else None
 
 
-# On one CPU device the engine's weight products run as cpu_kernels.packed_matmul over weights packed once
-# per model. One core, SmolLM2 shapes ([R, 576] x [576, 1536] and the like, weights from memory; the
-# AVX-512 machine of BENCHMARKS.md, 2026-12-05), GFLOP/s packed against XLA:CPU's: R = 16 rows 87-90 / 52-54,
-# 32 rows 95-104 / 71-82, 48 rows 101-106 / 98, 64 rows 100-108 / 105-108 (XLA's per-call packing is
-# paid back there), 256-512 rows (prefill) 91-112 / 81-105. So prefill always takes the packed weights
-# and a decode step only up to this many slots.
+# On CPU, where no weight is split over devices, the engine's weight products run as
+# cpu_kernels.packed_matmul over weights packed once per model. One core, SmolLM2 shapes ([R, 576] x
+# [576, 1536] and the like, weights from memory; the AVX-512 machine of BENCHMARKS.md, 2026-12-05),
+# GFLOP/s packed against XLA:CPU's: R = 16 rows 87-90 / 52-54, 32 rows 95-104 / 71-82, 48 rows 101-106 /
+# 98, 64 rows 100-108 / 105-108 (XLA's per-call packing is paid back there), 256-512 rows (prefill)
+# 91-112 / 81-105. So prefill always takes the packed weights and a decode step only up to this many
+# slots per device.
 PACKED_MAX_SLOTS = 48
 _packed_cache: dict = {}  # "params": the params last packed (held, so the identity check stays sound), "packed"
 
@@ -449,15 +450,21 @@ def _pack_params(params, *, cfg: ModelConfig) -> dict:
 
 def packed_weights(lm) -> dict | None:
     """``lm``'s weights packed for the CPU kernel (the ``packed`` argument of the engine's functions), or
-    None where XLA's dots run: off CPU, on a mesh, not float32, or the kernel off / not built
-    (``CNA_JAX_CPU_KERNELS``). Packed once per params object; the last model's copy is kept for the next
-    job (about the size of its float32 weights)."""
-    if (lm.layout is not None or jnp.dtype(lm.dtype) != jnp.float32 or jax.default_backend() != "cpu"
-            or not cpu_kernels.matmul_enabled()):
+    None where XLA's dots run: off CPU, not float32, the kernel off / not built (``CNA_JAX_CPU_KERNELS``), or
+    on a mesh that splits any weight (tensor or FSDP axes > 1). On a data-parallel mesh the packed copy is
+    replicated like the weights and each device multiplies its own rows (``_packed_dense`` in the model).
+    Packed once per params object; the last model's copy is kept for the next job (about the size of its
+    float32 weights, on every device)."""
+    on_cpu = (jax.default_backend() if lm.layout is None else lm.layout.mesh.devices.flat[0].platform) == "cpu"
+    if not on_cpu or jnp.dtype(lm.dtype) != jnp.float32 or not cpu_kernels.matmul_enabled():
+        return None
+    if lm.layout is not None and not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(lm.params)):
         return None
     if _packed_cache.get("params") is not lm.params:
         _packed_cache.clear()  # free the previous model's copy before making this one
-        _packed_cache.update(params=lm.params, packed=_pack_jit(lm.params, cfg=lm.cfg))
+        pack = _pack_jit if lm.layout is None else jax.jit(_pack_params, static_argnames=("cfg",),
+                                                           out_shardings=lm.layout.replicated())
+        _packed_cache.update(params=lm.params, packed=pack(lm.params, cfg=lm.cfg))
     return _packed_cache["packed"]
 
 
@@ -548,7 +555,8 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
-    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh), rep, cached)
+    # Every function's last dynamic argument: ``packed`` (:func:`packed_weights`, replicated) or None.
+    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh, rep), rep, cached)
     prefills: dict[tuple[int, int], ShardedFunction] = {}  # by (P, start)
     stores: dict[tuple[int, int], ShardedFunction] = {}  # by (N, stop)
     places: dict[int, ShardedFunction] = {}  # by P: place always takes P (src, slot) pairs
@@ -558,18 +566,18 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     def prefill_at(p, start=0):  # the ShardedFunction for P prefill rows (also what launch/plan.py lowers)
         if (p, start) not in prefills:
-            store = (rep, rep, rows_sh(p)[2]) if start else ()  # the store replicated, its row indices like cond
+            store = (rep, rep, rows_sh(p)[2])  # the store replicated, its row indices like cond (None at start 0)
             prefills[p, start] = ShardedFunction(
-                prefill_fn, layout, (params_sh, rep, *rows_sh(p), table_sh, rep, *store), staged_sh(p),
+                prefill_fn, layout, (params_sh, rep, *rows_sh(p), table_sh, rep, *store, rep), staged_sh(p),
                 dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, start=start, **cached))
         return prefills[p, start]
 
-    def store(params, prefix_kv, tokens, valid, cond, table, stop):
+    def store(params, prefix_kv, tokens, valid, cond, table, stop, packed=None):
         n = tokens.shape[0]
         if (n, stop) not in stores:
-            stores[n, stop] = ShardedFunction(store_fn, layout, (params_sh, rep, *rows_sh(n), table_sh), (rep, rep),
-                                              dict(stop=stop, **cached))
-        return stores[n, stop](params, prefix_kv, tokens, valid, cond, table)
+            stores[n, stop] = ShardedFunction(store_fn, layout, (params_sh, rep, *rows_sh(n), table_sh, rep),
+                                              (rep, rep), dict(stop=stop, **cached))
+        return stores[n, stop](params, prefix_kv, tokens, valid, cond, table, packed)
 
     def place_at(p):  # P staged rows, P (src, slot) pairs (unused pairs drop)
         if p not in places:
@@ -578,14 +586,15 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                                         (state_sh, staged_sh(p), idx, idx), state_sh, {}, donate=(0,))
         return places[p]
 
-    def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store, start=0):
-        return prefill_at(tokens.shape[0], start)(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store)
+    def prefill(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store, start=0, packed=None):
+        return prefill_at(tokens.shape[0], start)(params, prefix_kv, tokens, valid, cond, table, eos_ids, *store,
+                                                  packed=packed)
 
     def place(state, staged, src, slot_idx):
         return place_at(src.shape[0])(state, staged, src, slot_idx)
 
     prefill.at, place.at = prefill_at, place_at
-    decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep), state_sh,
+    decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep, rep), state_sh,
                              dict(steps=chunk, cache_sharding=cached["cache_sharding"], **stat), donate=(1,),
                              compiler_options=decode_compiler_options(layout.mesh.devices.flat[0].platform))
 
@@ -740,9 +749,9 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     table = fns.put_table(table_host)
     pad = lm.pad_id() if pad_id is None else pad_id
     eos = jnp.asarray(list(lm.eos_ids() if eos_ids is None else eos_ids) or [pad], jnp.int32)
-    weights = packed_weights(lm)  # None on a mesh, so the sharded functions never see the argument
+    weights = packed_weights(lm)
     packed = {} if weights is None else {"packed": weights}
-    decode_packed = packed if slots <= PACKED_MAX_SLOTS else {}
+    decode_packed = packed if slots // mult <= PACKED_MAX_SLOTS else {}  # slots per device group
     prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table, **packed) if q else None
     state = fns.empty()
     p = prefill_rows(slots, q + t)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -327,9 +328,10 @@ def cache_bytes_per_device(cfg: ModelConfig, layout: Layout, batch: int, slots: 
 class ShardedFunction:
     """``jax.jit`` of an un-jitted function with explicit in/out shardings, static kwargs bound.
 
-    Call it like the function (without the static keywords); ``lower(*args)`` works on arrays or
-    ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`). Trailing dynamic arguments left
-    out are None (optional arguments such as collection's ``prefix_tokens``). ``donate``: positions of
+    Call it like the function (without the static keywords; dynamic arguments by position or by name);
+    ``lower(*args)`` works on arrays or ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`).
+    Dynamic arguments left out are None (optional arguments such as collection's ``prefix_tokens``, the
+    engine's ``packed``). ``donate``: positions of
     dynamic arguments whose buffers the outputs may reuse (``jax.jit``'s ``donate_argnums``);
     ``compiler_options``: XLA options for this function's compiles (``jax.jit``'s).
     """
@@ -357,17 +359,23 @@ class ShardedFunction:
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
 
-    def _full(self, args):
+    def _full(self, args, kwargs):
         if len(args) > self.n_dynamic:
             raise TypeError(f"{self.fn.__name__} takes {self.n_dynamic} dynamic arguments, got {len(args)}")
-        return args + (None,) * (self.n_dynamic - len(args))
+        full = list(args) + [None] * (self.n_dynamic - len(args))
+        names = list(inspect.signature(self.fn).parameters)[:self.n_dynamic] if kwargs else []
+        for name, value in kwargs.items():
+            if name not in names or names.index(name) < len(args):
+                raise TypeError(f"{self.fn.__name__}: no dynamic argument {name!r} left to give by name")
+            full[names.index(name)] = value
+        return tuple(full)
 
-    def __call__(self, *args):
-        return self.jitted(*self._full(args), *self.static.values())
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*self._full(args, kwargs), *self.static.values())
 
-    def lower(self, *args):
+    def lower(self, *args, **kwargs):
         """AOT lowering on arrays or ``jax.ShapeDtypeStruct`` (no data needed)."""
-        return self.jitted.lower(*self._full(args), *self.static.values())
+        return self.jitted.lower(*self._full(args, kwargs), *self.static.values())
 
 
 def sharded_forward(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:

@@ -20,8 +20,9 @@ def get_config():
     c.name, c.model.base, c.model.instruct = "SmolLM2-135M testbed", "smollm2", "testbed"
     c.model.base_chat = True  # the "base" is itself a chat model: both sides get the chat template
     # The method's settings (study_config's defaults: all held-out prompts, 150 new tokens, 30 + 30 nulls);
-    # 128 engine slots (on a 2-core CPU: 2 CPU devices x 64, cna_jax.distributed.cpu_device_count) and
+    # 96 engine slots (on a 2-core CPU: 2 CPU devices x 48, cna_jax.distributed.cpu_device_count: up to 48
+    # per device a decode step runs the packed-weight kernel, cna_jax.engine.PACKED_MAX_SLOTS) and
     # 64-prompt collection batches.
-    c.generation.batch_size = 128
+    c.generation.batch_size = 96
     c.collect.batch_size = 64
     return c

@@ -6,6 +6,8 @@ The reference for a row under condition c is HF greedy ``generate`` with a ``dow
 pre-hook that multiplies its input (the neurons) by c's multiplier -- independent code from ours.
 SmolLM2 under mixed conditions (neuron multipliers and steering in one job, more rows than slots, rows
 ending at different steps) is checked the same way in tests/test_steering.py."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,32 @@ def test_tiny_mixed_conditions_on_a_4x1x2_mesh(tiny_job):
     _check_tiny(lm, tiny_job)  # 8 slots: prefill calls of 2 rows, replicated (2 does not divide over data=4)
     _check_tiny(lm, tiny_job, slots=16)  # 4 rows, split over the data axis
     _check_stop(lm, tiny_job)
+
+
+def test_tiny_mixed_conditions_on_a_data_parallel_mesh_through_packed_weights(tiny_job):
+    """On a (4, 1, 1) mesh (weights replicated) the engine takes the packed weights: each device's kernel
+    calls multiply only its own rows (4 of 16 slots in a decode step), and every row's tokens are HF's. A
+    mesh that splits weights over ``tensor`` keeps XLA's dots."""
+    from cna_jax import cpu_kernels
+
+    path, cfg, *_ = tiny_job
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 1), devices=jax.devices()[:4]), "generation")
+    _, params = convert.load(path, shardings=lambda c: layout.params(c))
+    lm = LM(cfg, params, tokenizer=None, chat=False, layout=layout)
+    packed = engine.packed_weights(lm)
+    assert packed is not None and all(x.sharding.is_fully_replicated for x in jax.tree.leaves(packed))
+    _check_tiny(lm, tiny_job)  # prefill calls of 2 rows, replicated
+    _check_tiny(lm, tiny_job, slots=16)  # 4 rows, split; 4 slots per device
+    _check_stop(lm, tiny_job)
+    fns = engine.sharded_functions(cfg, layout, jnp.float32, 16, 40, 12, 3)
+    table = fns.put_table(engine.stack_conditions(cfg, [engine.Condition()]))
+    text = fns.decode.lower(params, fns.empty(), table, jnp.asarray([1], jnp.int32), packed=packed).compile().as_text()
+    calls = [line for line in text.splitlines() if f'custom_call_target="{cpu_kernels.PACKED_MATMUL}"' in line]
+    assert len(calls) == 7 * cfg.num_hidden_layers + 1
+    assert all(line.split("= f32[")[1].startswith("4,") for line in calls), calls[0]
+    split = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    _, split_params = convert.load(path, shardings=lambda c: split.params(c))
+    assert engine.packed_weights(LM(cfg, split_params, tokenizer=None, chat=False, layout=split)) is None
 
 
 def _check_stop(lm, job):

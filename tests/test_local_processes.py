@@ -31,8 +31,8 @@ def host(monkeypatch):
 
 @pytest.mark.parametrize("cores, overrides, expect", [
     (2, (), (2, 1)),  # the offline default on the project's 2-core machine: 2 processes x 1 device
-    (4, (), (4, 1)),  # 128 slots: at most 4 devices of 32
-    (8, (), (4, 1)),
+    (4, (), (3, 1)),  # 96 slots: at most 3 devices of 32
+    (8, (), (3, 1)),
     (1, (), None),  # one device: one process
     (2, ("cpu_processes=1",), None),  # asked for one process holding both devices
     (4, ("cpu_devices=4", "cpu_processes=2"), (2, 2)),

@@ -145,13 +145,27 @@ class RMSNorm(nn.Module):
         return weight * x32.astype(x.dtype)
 
 
-def _packed_dense(module: nn.Module, name: str, x: jax.Array, features: int) -> jax.Array | None:
-    """x [..., In] times the weight ``name`` of ``module`` [In, features] through the CPU kernel, when the
-    caller passed that weight pre-packed in the ``packed`` collection (the engine's prefill and decode on
-    one CPU device: :func:`cna_jax.engine.packed_weights`); None otherwise (the caller's Flax layer runs)."""
+def _packed_dense(module: nn.Module, name: str, x: jax.Array, features: int, cache_sharding=None
+                  ) -> jax.Array | None:
+    """x [B, ..., In] times the weight ``name`` of ``module`` [In, features] through the CPU kernel, when the
+    caller passed that weight pre-packed in the ``packed`` collection (the engine on CPU with replicated
+    weights: :func:`cna_jax.engine.packed_weights`); None otherwise (the caller's Flax layer runs).
+
+    On a mesh (``cache_sharding`` given) each device multiplies its own rows, split like the cache's batch
+    axis when B divides it (else every device all rows), by its replicated copy of the weight: a custom call
+    has no partitioning rule, so without ``shard_map`` XLA would gather every row onto every device."""
     if not module.has_variable("packed", name):
         return None
-    return cpu_kernels.packed_matmul(x, module.get_variable("packed", name), features)
+    w = module.get_variable("packed", name)
+    call = functools.partial(cpu_kernels.packed_matmul, n=features)
+    if cache_sharding is None:
+        return call(x, w)
+    from jax.sharding import PartitionSpec as P
+
+    mesh, b_axes = cache_sharding.mesh, _cache_spec(cache_sharding)[1]
+    names = () if b_axes is None else (b_axes,) if isinstance(b_axes, str) else tuple(b_axes)
+    rows = P(b_axes) if x.shape[0] % int(np.prod([mesh.shape[a] for a in names])) == 0 else P()
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows, P()), out_specs=rows, check_vma=False)(x, w)
 
 
 def _cache_spec(sharding) -> tuple:
@@ -225,7 +239,7 @@ class Attention(nn.Module):
         h, k_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def proj(name, heads, axes):
-            y = _packed_dense(self, name, x, heads * d)
+            y = _packed_dense(self, name, x, heads * d, self.cache_sharding)
             if y is not None:
                 y = y.reshape(x.shape[:2] + (heads, d))
                 return y + self.get_variable("params", name)["bias"] if cfg.attention_bias else y
@@ -276,7 +290,7 @@ class Attention(nn.Module):
         else:
             out = _xla_attention(q, k, v, mask, self.dtype, decode=per_layer)
         out = out.reshape(b, k_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-        packed = _packed_dense(self, "o_proj", out.reshape(b, t, h * d), cfg.hidden_size)
+        packed = _packed_dense(self, "o_proj", out.reshape(b, t, h * d), cfg.hidden_size, self.cache_sharding)
         if packed is not None:
             return packed, cache
         out = nn.DenseGeneral(
@@ -290,6 +304,7 @@ class MLP(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    cache_sharding: Any = None  # on a mesh: how packed products split their rows (:func:`_packed_dense`)
 
     @nn.compact
     def __call__(self, x, neuron_mult):
@@ -297,7 +312,8 @@ class MLP(nn.Module):
         Returns (out [B, T, E], neurons [B, T, I])."""
         def dense(name, features, axes):
             if self.has_variable("packed", name):
-                return functools.partial(_packed_dense, self, name, features=features)
+                return functools.partial(_packed_dense, self, name, features=features,
+                                         cache_sharding=self.cache_sharding)
             return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name,
                             kernel_init=_param_init(_dense_init, axes))
 
@@ -323,7 +339,7 @@ class DecoderLayer(nn.Module):
         if ablate is not None:
             attn = ablate_direction(attn, *ablate)
         x = x + attn
-        mlp, neurons = MLP(self.cfg, self.dtype, name="mlp")(
+        mlp, neurons = MLP(self.cfg, self.dtype, self.cache_sharding, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), neuron_mult)
         if ablate is not None:
             mlp = ablate_direction(mlp, *ablate)
@@ -454,7 +470,7 @@ class Decoder(nn.Module):
         if select is not None:
             x = _take_positions(x, select)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        logits = _packed_dense(self, "head", x, cfg.vocab_size)
+        logits = _packed_dense(self, "head", x, cfg.vocab_size, self.cache_sharding)
         if logits is not None:
             logits = jnp.moveaxis(logits, -1, 0) if vocab_major_logits else logits
             return DecoderOutput(logits, cache, neurons_out, residuals_out)
