@@ -44,8 +44,11 @@ def run_as_local_processes(c, processes: int, devices: int) -> int:
     print(f"testbed ready ({built:.0f}s); running the study as {processes} local processes x {devices} "
           f"CPU device(s), each on its own cores (config.cpu_processes=1: one process)", flush=True)
     os.environ[ENV_TESTBED_S] = f"{built:.3f}"  # the report's stage times then show the build
+    # The launcher itself stops every process as soon as one dies, so JAX's heartbeat timeout only acts when
+    # the whole machine pauses (a laptop's sleep, a VM snapshot): at local_cluster's 10 s it then killed a
+    # study mid-generation (2026-12-05); an hour keeps such pauses harmless.
     return local_cluster.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], processes, devices,
-                             timeout=float("inf"), pin_cores=True)
+                             timeout=float("inf"), heartbeat_s=3600, pin_cores=True)
 
 
 def main(argv):

@@ -182,6 +182,27 @@ def test_mesh_resolution_and_readable_errors(tiny):
         S.make_layout(cfg, mesh, "nope")
 
 
+def test_sharded_function_takes_dynamic_arguments_by_name(tiny):
+    """A ShardedFunction's dynamic arguments go by position or by name; the ones left out are None, a
+    name it does not have or one already given by position is an error (before any compile)."""
+    _, cfg, *_ = tiny
+    layout = S.make_layout(cfg, S.make_mesh((8, 1, 1)), "generation")
+
+    def f(a, b=None, c=None, *, scale):
+        return a * scale + (0 if b is None else b) + (0 if c is None else 10 * c)
+
+    rep = layout.replicated()
+    fn = S.ShardedFunction(f, layout, (rep, rep, rep), rep, {"scale": 2.0})
+    one = jnp.ones((8,))
+    np.testing.assert_array_equal(np.asarray(fn(one, c=one)), np.full((8,), 12.0))
+    np.testing.assert_array_equal(np.asarray(fn(one, one)), np.full((8,), 3.0))
+    np.testing.assert_array_equal(np.asarray(fn(a=one, b=one, c=one)), np.full((8,), 13.0))
+    with pytest.raises(TypeError, match="no dynamic argument 'scale'"):
+        fn(one, scale=one)
+    with pytest.raises(TypeError, match="no dynamic argument 'a'"):
+        fn(one, a=one)
+
+
 def test_llama70b_kv_heads_on_tensor16_error_and_fallbacks():
     """Pitfall 8 on the real shape (no devices needed beyond an abstract check of divisibility)."""
     import importlib
