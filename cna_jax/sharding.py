@@ -353,6 +353,7 @@ class ShardedFunction:
 
         self.fn = fn
         self.n_dynamic = n_dyn
+        self.dynamic_names = tuple(inspect.signature(fn).parameters)[:n_dyn]  # for arguments given by name
         self.jitted = jax.jit(traced, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
                               static_argnums=tuple(range(n_dyn, n_dyn + len(names))), donate_argnums=donate,
                               compiler_options=compiler_options)
@@ -363,7 +364,7 @@ class ShardedFunction:
         if len(args) > self.n_dynamic:
             raise TypeError(f"{self.fn.__name__} takes {self.n_dynamic} dynamic arguments, got {len(args)}")
         full = list(args) + [None] * (self.n_dynamic - len(args))
-        names = list(inspect.signature(self.fn).parameters)[:self.n_dynamic] if kwargs else []
+        names = self.dynamic_names
         for name, value in kwargs.items():
             if name not in names or names.index(name) < len(args):
                 raise TypeError(f"{self.fn.__name__}: no dynamic argument {name!r} left to give by name")
