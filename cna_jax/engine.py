@@ -555,7 +555,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
 
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
-    # Every function's last dynamic argument: ``packed`` (:func:`packed_weights`, replicated) or None.
+    # prefix, store, prefill and decode take ``packed`` last (:func:`packed_weights`, replicated) or None.
     prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh, rep), rep, cached)
     prefills: dict[tuple[int, int], ShardedFunction] = {}  # by (P, start)
     stores: dict[tuple[int, int], ShardedFunction] = {}  # by (N, stop)
