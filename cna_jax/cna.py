@@ -74,6 +74,13 @@ NEUTRAL_PROMPTS = (
 )
 
 
+def keeps_dense(lm: LM, n_prompts: int, cache_dir: str | None, position: str = "last",
+                dense_bytes: int = 1 << 30) -> bool:
+    """Whether :func:`discover` keeps every neuron's activation for a set of ``n_prompts`` prompts: with a
+    cache, last-token rows, and at most ``dense_bytes`` (rows x all neurons x 4 bytes)."""
+    return cache_dir is not None and position == "last" and n_prompts * lm.cfg.num_neurons * 4 <= dense_bytes
+
+
 def discover(lm: LM, harmful: Sequence[str], harmless: Sequence[str], k: int = -1, fraction: float = 0.001,
              exclude_layers: Iterable[int] = (0, 1), positive_only: bool = False, drop_universal: bool = False,
              position: str = "last", last_k: int = 1, batch_size: int = 32, cache_dir: str | None = None,
@@ -85,8 +92,7 @@ def discover(lm: LM, harmful: Sequence[str], harmless: Sequence[str], k: int = -
     the same prompts is a column slice instead of another pass through the model."""
     if not harmful or not harmless:
         raise ValueError("CNA needs non-empty harmful and harmless prompt sets")
-    dense = cache_dir is not None and position == "last" and \
-        max(len(harmful), len(harmless)) * lm.cfg.num_neurons * 4 <= dense_bytes
+    dense = keeps_dense(lm, max(len(harmful), len(harmless)), cache_dir, position, dense_bytes)
     kw = dict(position=position, last_k=last_k, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
               nodes="all" if dense else None)
     mean_h = collect(lm, harmful, desc="collecting harmful", **kw).mean

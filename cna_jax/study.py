@@ -3,7 +3,8 @@
 Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store``):
   cna            CNA neuron set on the instruct model (train prompts)
   acts-instruct  per-prompt activations of the CNA neurons, instruct model (paired train prompts)
-  acts-base      the same neurons on the base model (raw prompts, as base models get)
+  acts-base      the same neurons on the base model (raw prompts, as base models get; every neuron is
+                 collected and the CNA neurons sliced out, so it reuses the cna stage's compiled programs)
   graph-*        stability graphs: contrast (instruct), harmful-only (instruct), contrast (base)
   direction      the refusal direction of the residual stream and its layer (training prompts only)
   generation     one engine job: every condition (none, CNA, both graph subsets, directional ablation,
@@ -216,10 +217,19 @@ class Study:
 
         def run(stage):
             lm = self.lm(side)
-            kw = dict(nodes=pool, position="last", batch_size=c.collect.batch_size, cache_dir=self.cache_dir,
+            kw = dict(position="last", batch_size=c.collect.batch_size, cache_dir=self.cache_dir,
                       progress=self.progress)
-            h = collect(lm, self.prompts.train_harmful, desc=f"{side}: harmful", **kw).node_acts
-            b = collect(lm, self.prompts.train_harmless, desc=f"{side}: harmless", **kw).node_acts
+
+            def node_acts(prompts, desc):
+                if c.cna.position == "last" and cna_lib.keeps_dense(lm, len(prompts), self.cache_dir):
+                    # Every neuron, as the cna stage collected the instruct side: the same compiled programs
+                    # (the base side compiles nothing new), kept in the cache; the pool's columns are sliced
+                    # from it below.
+                    collect(lm, prompts, nodes="all", desc=desc, **kw)
+                return collect(lm, prompts, nodes=pool, desc=desc, **kw).node_acts
+
+            h = node_acts(self.prompts.train_harmful, f"{side}: harmful")
+            b = node_acts(self.prompts.train_harmless, f"{side}: harmless")
             return {"harmful": h, "harmless": b}, {"side": side, "n_pairs": len(h)}
 
         stage = self._run_stage(f"acts-{side}", self._key_acts(side), run)

@@ -158,6 +158,36 @@ def test_study_end_to_end_reuse_and_resume(single_study, tmp_path):
     assert _numbers(resumed) == _numbers(full)
 
 
+def test_base_activations_are_sliced_from_an_all_neuron_collection(single_study):
+    """The acts-base stage collects every neuron, as the cna stage did on the instruct side (the same
+    compiled programs), and keeps the pool's columns: equal to a direct collection of the pool's nodes."""
+    import hashlib
+
+    import jax.numpy as jnp
+
+    from cna_jax.collect import Activations, collect
+    from cna_jax.lm import LM
+    from cna_jax.store import Stage
+    from cna_jax.study import prepare_prompts
+
+    c, workdir, _, _ = single_study
+    base = LM.load(c.model.base, dtype=jnp.float32, chat=bool(c.model.base_chat))
+    cached = [Activations.load(str(f)) for f in sorted((workdir / "cache").glob("activations-*.npz"))]
+    dense = [a for a in cached if a.node_acts.shape[1] == 4 * 128]  # rows x every neuron
+    assert len(dense) == 4 and sum(a.meta["model"] == base.describe() for a in dense) == 2  # both sides, both sets
+    name = next(d for d in os.listdir(workdir / "stages") if d.startswith("acts-base-"))
+    acts = Stage(str(workdir), "acts-base", name[len("acts-base-"):]).load()[0]
+    pool = NeuronSet.load(str(workdir / "report" / "neuron_set.json"))
+    cols = np.array([layer * 128 + i for layer, i in pool.pairs()])
+    prompts = prepare_prompts(c)
+    for kind, texts in (("harmful", prompts.train_harmful), ("harmless", prompts.train_harmless)):
+        sha = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
+        full = next(a for a in dense if a.meta["model"] == base.describe() and a.meta["prompts_sha256"] == sha)
+        np.testing.assert_array_equal(acts[kind], full.node_acts[:, cols])
+        direct = collect(base, texts, nodes=pool, batch_size=c.collect.batch_size, progress=False)
+        np.testing.assert_allclose(acts[kind], direct.node_acts, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_configs_fail_fast(tiny_pair, tmp_path):
     c = tiny_config(tiny_pair)
     bad = copy.deepcopy(c)
