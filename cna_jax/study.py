@@ -221,7 +221,7 @@ class Study:
                       progress=self.progress)
 
             def node_acts(prompts, desc):
-                if c.cna.position == "last" and cna_lib.keeps_dense(lm, len(prompts), self.cache_dir):
+                if cna_lib.keeps_dense(lm, len(prompts), self.cache_dir, c.cna.position):
                     # Every neuron, as the cna stage collected the instruct side: the same compiled programs
                     # (the base side compiles nothing new), kept in the cache; the pool's columns are sliced
                     # from it below.
