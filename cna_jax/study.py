@@ -219,17 +219,19 @@ class Study:
             lm = self.lm(side)
             kw = dict(position="last", batch_size=c.collect.batch_size, cache_dir=self.cache_dir,
                       progress=self.progress)
+            harmful, harmless = self.prompts.train_harmful, self.prompts.train_harmless
+            # Every neuron where the cna stage collected every neuron (discover's rule, both sets at once):
+            # the same compiled programs (this side compiles nothing new), kept in the cache; the pool's
+            # columns are then sliced from it.
+            dense = cna_lib.keeps_dense(lm, max(len(harmful), len(harmless)), self.cache_dir, c.cna.position)
 
             def node_acts(prompts, desc):
-                if cna_lib.keeps_dense(lm, len(prompts), self.cache_dir, c.cna.position):
-                    # Every neuron, as the cna stage collected the instruct side: the same compiled programs
-                    # (the base side compiles nothing new), kept in the cache; the pool's columns are sliced
-                    # from it below.
+                if dense:
                     collect(lm, prompts, nodes="all", desc=desc, **kw)
                 return collect(lm, prompts, nodes=pool, desc=desc, **kw).node_acts
 
-            h = node_acts(self.prompts.train_harmful, f"{side}: harmful")
-            b = node_acts(self.prompts.train_harmless, f"{side}: harmless")
+            h = node_acts(harmful, f"{side}: harmful")
+            b = node_acts(harmless, f"{side}: harmless")
             return {"harmful": h, "harmless": b}, {"side": side, "n_pairs": len(h)}
 
         stage = self._run_stage(f"acts-{side}", self._key_acts(side), run)
