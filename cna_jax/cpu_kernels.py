@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels behind XLA's FFI: the engine's decode attention and its weight products.
+"""Hand-written CPU kernels behind XLA's FFI: the engine's decode attention and its weight products, and
+the damage stage's log-softmax and KL over the vocabulary.
 
 Decode attention: in a decode step each slot's 1-4 query rows per KV head meet the whole cache window.
 XLA:CPU runs that as batched matmuls over every column, masked ones included, at ~7 GB/s of cache read
@@ -11,6 +12,11 @@ memory; XLA:CPU repacks each weight per call, which at 32 rows costs about as mu
 ``csrc/packed_matmul.cc`` reads weights :func:`pack` laid out once per model (a second copy of every
 weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.packed_weights``
 and ``engine.PACKED_MAX_SLOTS`` say when the engine uses it).
+
+Row log-softmax and KL: the damage stage (``cna_jax.damage``) scores every condition at ~600 positions per
+device and batch, each a 49k-entry distribution. XLA:CPU's row reductions over fused elementwise work run
+at ~3 ns per entry (as long as the head's product for the late-starting conditions); ``csrc/row_kl.cc``
+runs each row's passes in 8-lane vectors while the row is in cache.
 
 Each kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
 ``~/.cache/cna_jax/kernels``), keyed by its source, jaxlib's version and the flags, and registered with
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "cna_decode_attention"
 PACKED_MATMUL = "cna_packed_matmul"
+ROW_LOG_SOFTMAX = "cna_row_log_softmax"
+ROW_KL = "cna_row_kl"
 PANEL = 48  # columns per packed weight panel (kPanel in csrc/packed_matmul.cc)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _COMMON_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno", "-fopenmp-simd", "-w")
@@ -93,13 +101,14 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
     return path
 
 
-# name (csrc/<name>.cc) -> (its handler symbol, the FFI target, whether it is built for the widest vectors)
-_KERNELS = {"decode_attention": ("CnaDecodeAttention", DECODE_ATTENTION, False),
-            "packed_matmul": ("CnaPackedMatmul", PACKED_MATMUL, True)}
+# name (csrc/<name>.cc) -> ((handler symbol, FFI target) per handler, whether it is built for the widest vectors)
+_KERNELS = {"decode_attention": ((("CnaDecodeAttention", DECODE_ATTENTION),), False),
+            "packed_matmul": ((("CnaPackedMatmul", PACKED_MATMUL),), True),
+            "row_kl": ((("CnaRowLogSoftmax", ROW_LOG_SOFTMAX), ("CnaRowKl", ROW_KL)), False)}
 
 
 def _build_and_register(name: str) -> bool:
-    symbol, target, widest = _KERNELS[name]
+    handlers, widest = _KERNELS[name]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         log.warning("cna_jax: no C++ compiler found; %s on CPU uses the (slower) XLA path", name)
@@ -108,7 +117,8 @@ def _build_and_register(name: str) -> bool:
         import ctypes
 
         lib = ctypes.cdll.LoadLibrary(_build(compiler, name, _arch_flags(widest)))
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        for symbol, target in handlers:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or e
         log.warning("cna_jax: building the CPU kernel %s failed (%s); using the XLA path", name, detail)
@@ -127,6 +137,11 @@ def enabled() -> bool:
 def matmul_enabled() -> bool:
     """Whether the packed-weight matmul kernel is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
     return os.environ.get(ENV, "1") != "0" and _load("packed_matmul")
+
+
+def row_kl_enabled() -> bool:
+    """Whether the damage stage's log-softmax and KL kernels are on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
+    return os.environ.get(ENV, "1") != "0" and _load("row_kl")
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -155,3 +170,17 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
     rows = math.prod(lead)
     call = jax.ffi.ffi_call(PACKED_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     return call(x.reshape(rows, k).astype(jnp.float32), w_packed).reshape(*lead, n)
+
+
+def row_log_softmax(z: jax.Array) -> jax.Array:
+    """log softmax over the last axis of z [..., V] (float32; one device's array)."""
+    call = jax.ffi.ffi_call(ROW_LOG_SOFTMAX, jax.ShapeDtypeStruct(z.shape, jnp.float32))
+    return call(z.astype(jnp.float32))
+
+
+def row_kl(z: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """KL(p || q) over the last axis, natural log: p = exp(ref_logp) (a :func:`row_log_softmax` output),
+    q = softmax(z). z, ref_logp: [..., V] -> [...] float32 (one device's arrays). Where z equals the logits
+    ref_logp came from, exactly 0."""
+    call = jax.ffi.ffi_call(ROW_KL, jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32))
+    return call(z.astype(jnp.float32), ref_logp.astype(jnp.float32))

@@ -199,3 +199,71 @@ def test_engine_through_packed_weights(tiny, monkeypatch):
     np.testing.assert_allclose(np.asarray(ours.cache.k[-1]), np.asarray(xla.cache.k[-1]), rtol=0, atol=1e-5)
     monkeypatch.setenv(cpu_kernels.ENV, "0")
     assert engine.packed_weights(lm) is None
+
+
+def _log_softmax64(z):
+    z = np.asarray(z, np.float64)
+    s = z - z.max(-1, keepdims=True)
+    return s - np.log(np.exp(s).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("shape,scale", [((3, 5, 49152), 3.0), ((4, 37), 1.0), ((2, 2, 8), 20.0), ((6, 1), 1.0),
+                                         ((3, 1000), 40.0)])
+def test_row_kernels_match_float64(shape, scale):
+    """log-softmax and KL over the last axis (csrc/row_kl.cc) against float64 NumPy: a 49k vocabulary, rows
+    that are not a whole number of 8-lane vectors, one-entry rows, peaked rows whose small entries fall below
+    exp(-87). float32 rounding of 49k-term sums: 2e-5 relative. Logits equal to the reference's give a KL of
+    exactly 0, as damage.kl_along's neutral conditions need."""
+    assert cpu_kernels.row_kl_enabled()
+    rng = np.random.default_rng(shape[-1] + int(scale))
+    z = rng.standard_normal(shape).astype(np.float32) * scale
+    zr = rng.standard_normal(shape).astype(np.float32) * scale
+    ref = jax.jit(cpu_kernels.row_log_softmax)(zr)
+    np.testing.assert_allclose(np.asarray(ref), _log_softmax64(zr), rtol=2e-6, atol=2e-6 * scale)
+    got = np.asarray(jax.jit(cpu_kernels.row_kl)(z, ref))
+    lp, lq = _log_softmax64(zr), _log_softmax64(z)
+    want = (np.exp(lp) * (lp - lq)).sum(-1)
+    assert got.shape == shape[:-1]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * scale)
+    assert (np.asarray(jax.jit(cpu_kernels.row_kl)(zr, ref)) == 0).all()
+
+
+def test_kl_along_through_the_row_kernels_one_device_and_a_mesh(tiny, monkeypatch):
+    """damage.kl_along takes the row kernels on CPU: one device and a (4, 1, 2) mesh (each device's kernel
+    calls see its own rows: [1, N, V] of [4, N, V]) agree with XLA's log-softmax path to float32 rounding,
+    and the neutral condition is exactly 0 on both. The mesh's value equals one device's to rounding."""
+    from cna_jax import damage
+    from cna_jax.lm import LM
+
+    path, cfg, params = tiny
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (6, 4, 8, 5, 7)]
+    conts = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (5, 7, 3, 6, 2)]
+    mult = np.ones((cfg.num_hidden_layers, cfg.intermediate_size), np.float32)
+    mult[-1, :16] = 30.0
+    conditions = [engine.Condition(mult), engine.Condition(direction=rng.normal(size=cfg.hidden_size), ablate=True),
+                  engine.Condition()]
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    _, sharded = convert.load(path, shardings=lambda c: layout.params(c))
+    lms = {"one": LM(cfg, params, tokenizer=None, chat=False),
+           "mesh": LM(cfg, sharded, tokenizer=None, chat=False, layout=layout)}
+    got = {}
+    for name, lm in lms.items():
+        assert damage.use_row_kernels(lm)
+        got[name] = damage.kl_along(lm, ids, conts, conditions, batch_size=4)
+    # The compiled KL program on the mesh: one kernel call per device, on that device's 1 of 4 rows.
+    text = damage.kl_fn.lower(
+        np.zeros((4, 3, cfg.vocab_size), np.float32), sharded, jnp.zeros((2, 4, 5, cfg.hidden_size), jnp.float32),
+        jnp.int32(0), np.ones((4, 5), bool), np.zeros((4, 3), np.int32),
+        engine.put_host_table(engine.stack_conditions(cfg, [engine.Condition(), engine.Condition()], steering=True)),
+        jnp.zeros((4,), jnp.int32), cfg=cfg, dtype=jnp.float32, kernel=True, layout=layout).compile().as_text()
+    calls = [line for line in text.splitlines() if cpu_kernels.ROW_KL in line and "custom_call_target" in line]
+    assert calls and all(f"f32[1,3,{cfg.vocab_size}]" in line for line in calls), calls[:1]
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert not damage.use_row_kernels(lms["one"])
+    xla = damage.kl_along(lms["one"], ids, conts, conditions, batch_size=4)
+    assert np.isnan(xla).sum() == np.isnan(got["one"]).sum() > 0
+    for name in lms:
+        np.testing.assert_allclose(got[name], xla, rtol=1e-4, atol=1e-6)
+        assert np.all(got[name][2][~np.isnan(got[name][2])] == 0)
+    assert np.nanmax(xla[:2]) > 1e-3  # the conditions move the distribution

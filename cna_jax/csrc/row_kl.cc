@@ -1,0 +1,171 @@
+// Log-softmax and KL divergence over the vocabulary, one row (one scored position) at a time, for the
+// damage stage (cna_jax/damage.py). XLA FFI handlers (cna_jax/cpu_kernels.py builds and registers them).
+//
+// XLA:CPU runs a log-softmax over [rows, 49152] and the KL's multiply-reduce at ~3 ns per element (its
+// row reductions of fused elementwise work are not vectorised); here each row's passes (max, sum of exp,
+// the KL sum) run in 8-lane vectors while the row is in cache.
+//
+// Both kernels compute log q = (z - max) - log(sum exp(z - max)) with the same code, so a condition whose
+// logits equal the reference's gives log q == log p bit for bit and a KL of exactly 0. Sums run in a
+// fixed order (8 lanes in blocks, then the lanes pairwise), so one build gives the same bits on every machine.
+//
+//   CnaRowLogSoftmax: z [R, V] float32 -> log softmax [R, V]
+//   CnaRowKl:         z [R, V], ref_logp [R, V] float32 -> KL(exp(ref_logp) || softmax(z)) [R]
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Sum(Vec v) {  // a fixed order: pairs, then pairs of pairs
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// exp(x) for x <= 0, branch-free in 8 lanes (csrc/decode_attention.cc's scalar function, as vector code):
+// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp),
+// times 2^n. Below -87 it returns exp(-87) ~ 1.6e-38: such a term is nothing next to the row maximum's 1.
+inline Vec Exp(Vec x) {
+  const Vec lo = Vec{} - 87.0f;
+  x = x < lo ? lo : x;
+  const Vec t = x * 1.44269504088896341f + 0.5f;
+  Vec n = __builtin_convertvector(__builtin_convertvector(t, IVec), Vec);  // truncation, then floor
+  n = n > t ? n - 1.0f : n;
+  Vec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec y = Vec{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// One element through the vector code (a row's last n % 8 entries).
+inline float Exp1(float x) { return Exp(Vec{} + x)[0]; }
+
+inline float RowMax(const float* z, int64_t n) {
+  float m = -INFINITY;
+  int64_t j = 0;
+  if (n >= kLanes) {
+    Vec v = Load(z);
+    for (j = kLanes; j + kLanes <= n; j += kLanes) {
+      const Vec x = Load(z + j);
+      v = v > x ? v : x;
+    }
+    for (int l = 0; l < kLanes; ++l) m = m > v[l] ? m : v[l];
+  }
+  for (; j < n; ++j) m = m > z[j] ? m : z[j];
+  return m;
+}
+
+// sum over j < n of term(j), where term(j) is a Vec of entries j..j+7 and term1(j) one entry (the last n % 8):
+// two vectors in flight, summed per block of kBlock entries into an outer vector (float32 error then grows
+// with ~n / 16 / kBlock + kBlock / 16 terms per lane, not n / 16), then the lanes; a fixed order throughout.
+constexpr int64_t kBlock = 512;
+template <class Term, class Term1>
+inline float RowSum(int64_t n, Term term, Term1 term1) {
+  Vec outer = {};
+  int64_t j = 0;
+  while (j + 2 * kLanes <= n) {
+    Vec s0 = {}, s1 = {};
+    const int64_t end = j + kBlock < n ? j + kBlock : n;
+    for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
+      s0 += term(j);
+      s1 += term(j + kLanes);
+    }
+    outer += s0 + s1;
+  }
+  for (; j + kLanes <= n; j += kLanes) outer += term(j);
+  float t = Sum(outer);
+  for (; j < n; ++j) t += term1(j);
+  return t;
+}
+
+// The row's max and log(sum exp(z - max)).
+inline void RowLogSumExp(const float* z, int64_t n, float* mx, float* log_sum) {
+  const float m = RowMax(z, n);
+  const float t = RowSum(n, [&](int64_t j) { return Exp(Load(z + j) - m); }, [&](int64_t j) { return Exp1(z[j] - m); });
+  *mx = m;
+  *log_sum = std::log(t);
+}
+
+ffi::Error Shapes(const ffi::Buffer<ffi::F32>& z, int64_t* rows, int64_t* n) {
+  auto d = z.dimensions();
+  if (d.size() < 1) return ffi::Error::InvalidArgument("row kernels: z needs a vocabulary axis");
+  *n = d[d.size() - 1];
+  *rows = 1;
+  for (size_t i = 0; i + 1 < d.size(); ++i) *rows *= d[i];
+  return ffi::Error::Success();
+}
+
+ffi::Error RowLogSoftmax(ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t rows, n;
+  if (auto e = Shapes(z, &rows, &n); e.failure()) return e;
+  const float* zp = z.typed_data();
+  float* op = out->typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* zr = zp + r * n;
+    float* o = op + r * n;
+    float m, ls;
+    RowLogSumExp(zr, n, &m, &ls);
+    for (int64_t j = 0; j < n; ++j) o[j] = (zr[j] - m) - ls;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RowKl(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> ref, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t rows, n;
+  if (auto e = Shapes(z, &rows, &n); e.failure()) return e;
+  if (ref.element_count() != z.element_count()) {
+    return ffi::Error::InvalidArgument("row_kl: z and ref_logp must have the same shape");
+  }
+  const float* zp = z.typed_data();
+  const float* rp = ref.typed_data();
+  float* op = out->typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* zr = zp + r * n;
+    const float* lp = rp + r * n;
+    float m, ls;
+    RowLogSumExp(zr, n, &m, &ls);
+    // The sum of p * (log p - log q), log q computed as RowLogSoftmax writes it (two subtractions: the same
+    // bits in a vector lane as in scalar code).
+    op[r] = RowSum(
+        n,
+        [&](int64_t j) {
+          const Vec a = Load(lp + j);
+          return Exp(a) * (a - ((Load(zr + j) - m) - ls));
+        },
+        [&](int64_t j) { return Exp1(lp[j]) * (lp[j] - ((zr[j] - m) - ls)); });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaRowLogSoftmax, RowLogSoftmax,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaRowKl, RowKl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
