@@ -14,9 +14,9 @@ weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82
 and ``engine.PACKED_MAX_SLOTS`` say when the engine uses it).
 
 Row log-softmax and KL: the damage stage (``cna_jax.damage``) scores every condition at ~600 positions per
-device and batch, each a 49k-entry distribution. XLA:CPU's row reductions over fused elementwise work run
-at ~3 ns per entry (as long as the head's product for the late-starting conditions); ``csrc/row_kl.cc``
-runs each row's passes in 8-lane vectors while the row is in cache.
+device and batch, each a 49k-entry distribution. XLA:CPU runs its row reductions over fused elementwise work
+at ~3 ns per entry: ~380 ms per condition and batch on one core, 40% of a condition that starts in the last
+layers. ``csrc/row_kl.cc`` runs each row's passes in 8-lane vectors while the row is in cache (~40 ms).
 
 Each kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
 ``~/.cache/cna_jax/kernels``), keyed by its source, jaxlib's version and the flags, and registered with
