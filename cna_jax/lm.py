@@ -51,11 +51,10 @@ def _gguf_tokenizer(path: str):
     transformers' own GGUF metadata reader imports torch, so the metadata is read here with the ``gguf``
     package; the tokenizer itself is built by transformers' GGUF tokenizer converter, as that call does
     (same vocabulary, merges, special tokens and chat template; tests/test_load.py compares the two)."""
-    import gguf
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    reader = gguf.GGUFReader(path)
+    reader = convert.gguf_reader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}

@@ -257,3 +257,27 @@ def test_study_loads_through_the_cache(tiny, tmp_path):
     c.model.convert_cache = ""
     Study(c, str(tmp_path / "off"), progress=False).lm("instruct")
     assert not os.path.exists(tmp_path / "off" / "converted")
+
+
+def test_weights_and_tokenizer_of_a_gguf_file_share_one_reader(monkeypatch):
+    """LM.load of a GGUF file reads its metadata once (one gguf.GGUFReader for the tokenizer and the weights:
+    parsing SmolLM2's 49k-token vocabulary takes seconds per reader)."""
+    import gguf
+
+    from cna_jax import convert
+
+    made = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    convert._gguf_reader.cache_clear()
+    path = smollm2_gguf_path()
+    tok = load_tokenizer(path)
+    cfg, ckpt = convert.open_checkpoint(path)
+    assert made == [os.path.abspath(path)]
+    assert ckpt.shape("model.embed_tokens.weight") == (len(tok), cfg.hidden_size) == (49152, 576)
+    convert._gguf_reader.cache_clear()  # later tests get readers of the real class
