@@ -7,7 +7,7 @@ setup(
     description="Neuron-level refusal steering (CNA + nodewise LASSO graphs) for Llama/Qwen in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["cna_jax", "cna_jax.*"]),
-    package_data={"cna_jax": ["data/*.txt", "data/*.json", "csrc/*.cc"]},  # csrc: cna_jax.cpu_kernels
+    package_data={"cna_jax": ["data/*.txt", "data/*.json", "csrc/*.cc", "csrc/*.h"]},  # csrc: cna_jax.cpu_kernels
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

@@ -19,9 +19,9 @@ at ~3 ns per entry: ~380 ms per condition and batch on one core, 40% of a condit
 layers. ``csrc/row_kl.cc`` runs each row's passes in 8-lane vectors while the row is in cache (~40 ms).
 
 Each kernel is compiled on first use with the system's C++ compiler into ``$CNA_JAX_CACHE/kernels`` (else
-``~/.cache/cna_jax/kernels``), keyed by its source, jaxlib's version and the flags, and registered with
-``jax.ffi``. Fixed flags give the same bits on every machine of a kind: AVX2 + FMA on x86-64 that has
-them, else portable code; the matmul also uses AVX-512 where the CPU has it, with the same bits as its
+``~/.cache/cna_jax/kernels``), keyed by its source and csrc's headers, jaxlib's version and the flags,
+and registered with ``jax.ffi``. Fixed flags give the same bits on every machine of a kind: AVX2 + FMA on
+x86-64 that has them, else portable code; the matmul also uses AVX-512 where the CPU has it, with the same bits as its
 AVX2 and portable builds (each output is one multiply-add chain in k order). Without a compiler, or with
 ``CNA_JAX_CPU_KERNELS=0``, the model keeps its XLA path (one warning); both agree to float32 rounding
 (tests/test_cpu_kernels.py).
@@ -83,8 +83,11 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
 
     flags = _COMMON_FLAGS + flags
     source = os.path.join(_CSRC, f"{name}.cc")
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((jaxlib.__version__, flags)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(repr((jaxlib.__version__, flags)).encode())
+    for part in [source] + sorted(os.path.join(_CSRC, f) for f in os.listdir(_CSRC) if f.endswith(".h")):
+        with open(part, "rb") as f:  # the kernel's source and the headers it may include
+            digest.update(f.read())
+    key = digest.hexdigest()[:16]
     path = os.path.join(cache_root(), "kernels", f"{name}-{key}.so")
     if os.path.exists(path):
         return path

@@ -10,25 +10,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
+using namespace cna;  // NOLINT: the kernels' shared vector helpers (vec8.h)
 constexpr int kBlock = 64;  // lanes of D accumulated in registers at once
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float Sum(Vec v) {  // a fixed order: pairs, then pairs of pairs
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
 
 // out[0 : C * kLanes] = sum_j p[j] v[cols[j], 0 : C * kLanes] (v rows of length d), in registers.
 template <int C>
@@ -40,27 +30,6 @@ inline void AccumulateValues(const float* p, const float* v, const int32_t* cols
     for (int c = 0; c < C; ++c) acc[c] += w * Load(vr + c * kLanes);
   }
   std::memcpy(out, acc, sizeof(acc));
-}
-
-// exp(x) for x <= 0 (scores less their maximum), branch-free: x = n ln2 + r,
-// |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp), times 2^n.
-// Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0: nothing next to the maximum's 1.
-inline float ExpNonPositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
 }
 
 ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,

@@ -15,49 +15,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float Sum(Vec v) {  // a fixed order: pairs, then pairs of pairs
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
-// exp(x) for x <= 0, branch-free in 8 lanes (csrc/decode_attention.cc's scalar function, as vector code):
-// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp),
-// times 2^n. Below -87 it returns exp(-87) ~ 1.6e-38: such a term is nothing next to the row maximum's 1.
-inline Vec Exp(Vec x) {
-  const Vec lo = Vec{} - 87.0f;
-  x = x < lo ? lo : x;
-  const Vec t = x * 1.44269504088896341f + 0.5f;
-  Vec n = __builtin_convertvector(__builtin_convertvector(t, IVec), Vec);  // truncation, then floor
-  n = n > t ? n - 1.0f : n;
-  Vec r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  Vec y = Vec{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
+using namespace cna;  // NOLINT: the kernels' shared vector helpers (vec8.h)
 
 // One element through the vector code (a row's last n % 8 entries).
 inline float Exp1(float x) { return Exp(Vec{} + x)[0]; }
