@@ -147,6 +147,14 @@ def row_kl_enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and _load("row_kl")
 
 
+def register_all() -> None:
+    """Builds and registers every kernel that is on: a process that loads a program another process compiled
+    (:mod:`cna_jax.precompile`) has not traced the calls that register them on first use."""
+    if os.environ.get(ENV, "1") != "0":
+        for name in _KERNELS:
+            _load(name)
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """softmax(scale * q k^T over the valid columns) v, per slot and KV head, float32 (one device's arrays).
 

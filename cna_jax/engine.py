@@ -47,6 +47,7 @@ Memory of the condition table: ``C x L x I`` float32. Llama-3.1-70B (80 x 28,672
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -56,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax import cpu_kernels
+from cna_jax import cpu_kernels, precompile
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import (CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions,
                                   rope_inv_freq, rope_tables)
@@ -572,12 +573,14 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
                 dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, start=start, **cached))
         return prefills[p, start]
 
-    def store(params, prefix_kv, tokens, valid, cond, table, stop, packed=None):
-        n = tokens.shape[0]
+    def store_at(n, stop):  # the ShardedFunction for a store pass over N rows up to layer ``stop``
         if (n, stop) not in stores:
             stores[n, stop] = ShardedFunction(store_fn, layout, (params_sh, rep, *rows_sh(n), table_sh, rep),
                                               (rep, rep), dict(stop=stop, **cached))
-        return stores[n, stop](params, prefix_kv, tokens, valid, cond, table, packed)
+        return stores[n, stop]
+
+    def store(params, prefix_kv, tokens, valid, cond, table, stop, packed=None):
+        return store_at(tokens.shape[0], stop)(params, prefix_kv, tokens, valid, cond, table, packed)
 
     def place_at(p):  # P staged rows, P (src, slot) pairs (unused pairs drop)
         if p not in places:
@@ -593,7 +596,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     def place(state, staged, src, slot_idx):
         return place_at(src.shape[0])(state, staged, src, slot_idx)
 
-    prefill.at, place.at = prefill_at, place_at
+    prefill.at, place.at, store.at = prefill_at, place_at, store_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep, rep), state_sh,
                              dict(steps=chunk, cache_sharding=cached["cache_sharding"], **stat), donate=(1,),
                              compiler_options=decode_compiler_options(layout.mesh.devices.flat[0].platform))
@@ -704,6 +707,61 @@ def lower_layer_start(cfg: ModelConfig, conditions: Sequence[Condition], rows: S
     return best
 
 
+def prefill_calls(rows: Sequence[tuple[Sequence[int], int]], from_start: Sequence[bool], p: int) -> list[list[int]]:
+    """The rows of each prefill call of a job, in the order :func:`run` makes them: shortest rows first
+    (consecutive calls then share a length bucket: less padding, few shapes), P rows a call, the rows
+    prefilled from the store (``from_start``) in calls of their own, after the others."""
+    # (rows of equal keys latest first: the order of popping a reverse-sorted queue, as run() always did)
+    order = sorted(range(len(rows)), key=lambda r: (from_start[r], len(rows[r][0])), reverse=True)[::-1]
+    calls = []
+    for r in order:
+        if calls and len(calls[-1]) < p and from_start[calls[-1][0]] == from_start[r]:
+            calls[-1].append(r)
+        else:
+            calls.append([r])
+    return calls
+
+
+def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, decode_packed: dict, state: SlotState,
+                  rows, calls, from_start, p: int, t: int, start: int, n_store: int, pad: int,
+                  length_multiple: int) -> list:
+    """Every program of a sharded job, as :func:`cna_jax.precompile.spread` entries in the order the job first
+    calls them: the prefix, the store pass, one prefill per (from the store or not, length bucket) of the
+    job's prefill ``calls`` (:func:`prefill_calls`), place and decode. The arguments are those the calls will
+    pass, or ``jax.ShapeDtypeStruct`` for outputs of earlier programs."""
+    from cna_jax.batching import bucket, left_pad
+
+    weights = packed.get("packed")
+    rows_of = lambda length: fns.put_rows(*left_pad([[pad]], length, pad, batch=p), np.zeros((p,), np.int32))
+    progs, prefix_kv, store = [], None, (None, None, None)
+    if prefix_ids is not None:
+        progs.append(fns.prefix.program(lm.params, prefix_ids, table, weights))
+        prefix_kv = fns.prefix.out_abstract(lm.params, prefix_ids, table, weights)
+    if start:
+        args = (lm.params, prefix_kv, *rows_of(t), table, weights)
+        progs.append(fns.store.at(p, start).program(*args))
+        kv, res = fns.store.at(p, start).out_abstract(*args)
+        passes = -(-n_store // p)  # run() concatenates the store passes' rows
+        grow = lambda a, axis: jax.ShapeDtypeStruct(a.shape[:axis] + (a.shape[axis] * passes,) + a.shape[axis + 1:],
+                                                    a.dtype)
+        store = (KVCache(*(grow(x, 1) for x in kv)), grow(res, 0), fns.put_rows(np.zeros((p,), np.int32))[0])
+    staged = None
+    kinds = []
+    for call in calls:
+        kind = (from_start[call[0]], bucket(max(len(rows[r][0]) for r in call), length_multiple))
+        if kind not in kinds:
+            kinds.append(kind)
+    for from_store, length in kinds:
+        fn = fns.prefill.at(p, start if from_store else 0)
+        args = (lm.params, prefix_kv, *rows_of(length), table, eos, *(store if from_store else (None,) * 3), weights)
+        progs.append(fn.program(*args))
+        staged = staged or fn.out_abstract(*args)  # every prefill stages the same shapes
+    index = fns.put_rows(np.zeros((p,), np.int32), np.zeros((p,), np.int32))
+    progs.append(fns.place.at(p).program(state, staged, *index))
+    progs.append(fns.decode.program(lm.params, state, table, eos, decode_packed.get("packed")))
+    return progs
+
+
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
         max_new_tokens: int = 150, slots: int = 32, chunk: int = DECODE_CHUNK, prefix: Sequence[int] | None = None,
         on_finish: Callable[[int, list[int]], None] | None = None, progress: bool = False, desc: str = "generating",
@@ -752,7 +810,6 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     weights = packed_weights(lm)
     packed = {} if weights is None else {"packed": weights}
     decode_packed = packed if slots // mult <= PACKED_MAX_SLOTS else {}  # slots per device group
-    prefix_kv = fns.prefix(lm.params, jnp.asarray(prefix, jnp.int32), table, **packed) if q else None
     state = fns.empty()
     p = prefill_rows(slots, q + t)
 
@@ -762,12 +819,20 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         start = lower_layer_start(cfg, conditions, rows, t, lm.dtype, store_budget(devices))
     firsts = [c.first_layer(cfg.num_hidden_layers) for c in conditions]
     from_start = [start > 0 and firsts[c] >= start for _, c in rows]
-    store_kv = store_res = None
     where = {}  # prompt tokens -> row of the store
+    for r, (ids, _) in enumerate(rows):
+        if from_start[r]:
+            where.setdefault(tuple(ids), len(where))
+    pending = collections.deque(prefill_calls(rows, from_start, p))
+    prefix_ids = jnp.asarray(prefix, jnp.int32) if q else None
+    if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the job's programs
+        if devices[0].platform == "cpu":
+            cpu_kernels.register_all()
+        precompile.spread(_job_programs(fns, lm, prefix_ids, table, eos, packed, decode_packed, state, rows, pending,
+                                        from_start, p, t, start, len(where), pad, length_multiple))
+    prefix_kv = fns.prefix(lm.params, prefix_ids, table, **packed) if q else None
+    store_kv = store_res = None
     if start:
-        for r, (ids, _) in enumerate(rows):
-            if from_start[r]:
-                where.setdefault(tuple(ids), len(where))
         seqs = list(where)
         c0 = np.int32(rows[from_start.index(True)][1])  # unmodified below start, like every such row's condition
         parts = []
@@ -778,9 +843,6 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         store_kv = KVCache(*(jnp.concatenate([x[0][j] for x in parts], axis=1) for j in range(2)))
         store_res = jnp.concatenate([x[1] for x in parts], axis=0)
 
-    # Shortest rows first: consecutive prefill calls then share a length bucket (less padding, few shapes); the
-    # rows prefilled from ``start`` and the others in separate calls.
-    queue = sorted(range(len(rows)), key=lambda r: (from_start[r], len(rows[r][0])), reverse=True)  # pop(): next
     occupant = [-1] * slots  # row in each slot, -1 = free
     staged, ready = None, []  # the last prefill call's rows, and (staged index, row) not yet placed
     results: list[list[int] | None] = [None] * len(rows)
@@ -789,13 +851,11 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         from tqdm.auto import tqdm
         bar = tqdm(total=len(rows), desc=desc, unit="row")
     g = fns.groups(p)
-    while queue or ready or any(o >= 0 for o in occupant):
+    while pending or ready or any(o >= 0 for o in occupant):
         free = [s for s, o in enumerate(occupant) if o < 0]
-        while free and (ready or queue):
-            if not ready:  # prefill the next P queued rows (fillers repeat the first; never placed)
-                new = [queue.pop()]
-                while len(new) < p and queue and from_start[queue[-1]] == from_start[new[0]]:
-                    new.append(queue.pop())
+        while free and (ready or pending):
+            if not ready:  # prefill the next call's rows (fillers repeat the first; never placed)
+                new = pending.popleft()
                 seqs = [rows[r][0] for r in new]
                 tokens, valid = left_pad(seqs, bucket(max(map(len, seqs)), length_multiple), pad, batch=p)
                 cond = np.array([rows[r][1] for r in new] + [rows[new[0]][1]] * (p - len(new)), np.int32)

@@ -1,6 +1,7 @@
 """Meshes, logical-axis rules, layouts and shardings, and the sharded-jit wrapper every entry point uses.
 
-This module sits right above the model (``cna_jax.models``) and imports nothing else of the package: the
+This module sits right above the model (``cna_jax.models``) and imports nothing else of the package but
+:mod:`cna_jax.precompile` (programs compiled ahead over the processes of a run): the
 sharded entry points live beside their pure functions (``collect.sharded_collect``, ``lasso.sharded_lasso``,
 ``graph.sharded_fit_graph``, the engine's ``sharded_functions``); only the model's own forward pass
 (:func:`sharded_forward`) is here.
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cna_jax import precompile
 from cna_jax.models.config import ModelConfig
 from cna_jax.models import abstract_params, boxed_params, forward_fn
 from cna_jax.models.llama import CACHE_AXES, KVCache
@@ -372,7 +374,21 @@ class ShardedFunction:
         return tuple(full)
 
     def __call__(self, *args, **kwargs):
-        return self.jitted(*self._full(args, kwargs), *self.static.values())
+        full = self._full(args, kwargs)
+        exe = precompile.lookup(self.jitted, full)  # compiled ahead by another process (multi-process runs)
+        if exe is not None:
+            return exe(*full)
+        return self.jitted(*full, *self.static.values())
+
+    def program(self, *args, **kwargs) -> tuple:
+        """This call as an entry of :func:`cna_jax.precompile.spread` (arrays or ``jax.ShapeDtypeStruct``;
+        one without a sharding gets this function's ``in_shardings``)."""
+        full = self._full(args, kwargs)
+        return self.jitted, full, None, lambda: self.lower(*args, **kwargs)
+
+    def out_abstract(self, *args, **kwargs):
+        """The outputs' ``jax.ShapeDtypeStruct`` tree for these arguments (traces, compiles nothing)."""
+        return jax.eval_shape(self.jitted, *self._full(args, kwargs), *self.static.values())
 
     def lower(self, *args, **kwargs):
         """AOT lowering on arrays or ``jax.ShapeDtypeStruct`` (no data needed)."""

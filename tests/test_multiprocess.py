@@ -82,6 +82,49 @@ def _die_driver() -> None:
     print("process 0: still running after 120 s", flush=True)
 
 
+def engine_job(cfg):
+    """A small mixed-condition engine job on a tiny model: (prefix, rows, conditions). The third condition
+    leaves layer 0 unchanged, so the job prefills its rows from a store pass (every program kind runs)."""
+    import numpy as np
+    from cna_jax import engine
+
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(4, cfg.vocab_size, 6).tolist()
+    suffixes = [rng.integers(4, cfg.vocab_size, k).tolist() for k in [5, 9, 12, 3, 7, 12, 2, 10, 4, 6]]
+    conds = [engine.Condition()]
+    for seed, n, low in ((2, 60, 0), (3, 150, 1)):
+        m = np.ones((cfg.num_hidden_layers, cfg.intermediate_size), np.float32)
+        r = np.random.default_rng(seed)
+        m[r.integers(low, cfg.num_hidden_layers, n), r.integers(0, cfg.intermediate_size, n)] = 0
+        conds.append(engine.Condition(m))
+    return prefix, [(s, c) for s in suffixes for c in range(3)], conds
+
+
+def _engine_driver(path: str, out: str) -> None:
+    """Runs :func:`engine_job` on a (8, 1, 1) mesh over both processes (packed weights, the CPU kernels);
+    every process writes its tokens, its precompile counts and the jit caches' sizes of the job's programs
+    (0: every call ran a program precompile.spread compiled or loaded)."""
+    from cna_jax import distributed
+    distributed.initialize()
+    import jax
+    from cna_jax import convert, engine, precompile
+    from cna_jax import sharding as S
+    from cna_jax.lm import LM
+
+    cfg, _ = convert.load(path)
+    layout = S.make_layout(cfg, S.make_mesh((8, 1, 1)), "generation")
+    lm = LM(cfg, convert.load(path, shardings=lambda c: layout.params(c))[1], tokenizer=None, chat=False,
+            layout=layout)
+    prefix, rows, conds = engine_job(cfg)
+    tokens = engine.run(lm, rows, conds, max_new_tokens=12, slots=16, chunk=3, prefix=prefix, eos_ids=[7], pad_id=0,
+                        length_multiple=4)
+    fns = engine.sharded_functions(cfg, layout, lm.dtype, 16, 6 + 12 + 12, 12, 3)
+    jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(4), "place": fns.place.at(4)}
+    json.dump({"tokens": tokens, "stats": precompile.stats,
+               "jit_cache": {k: f.jitted._cache_size() for k, f in jitted.items()}},
+              open(f"{out}.{jax.process_index()}", "w"))
+
+
 # -- tests -----------------------------------------------------------------------------------------------
 def _start_cluster(args: list[str], launcher_args=()) -> subprocess.Popen:
     """launch/local_cluster.py with 2 processes x 4 CPU devices running ``args``; output captured."""
@@ -108,6 +151,8 @@ if __name__ == "__main__":
         _audit_driver(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif sys.argv[1] == "die":
         _die_driver()
+    elif sys.argv[1] == "engine":  # engine <model dir> <output prefix>
+        _engine_driver(sys.argv[2], sys.argv[3])
     else:
         raise SystemExit(f"unknown driver {sys.argv[1]!r}")
     sys.exit(0)
@@ -161,3 +206,30 @@ def test_launcher_environment_and_timeout():
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert run.returncode == 124 and "timeout after 2s" in run.stderr, run.stderr
     assert time.time() - t < 20
+
+
+def test_engine_programs_compile_once_over_processes(tmp_path):
+    """A sharded engine job over 2 processes x 4 devices: the job's programs (prefix, store, prefills,
+    place, decode) are compiled each by one process and loaded by the other (cna_jax.precompile), every call
+    runs them (the jitted functions' own caches stay empty), and the tokens equal the same job on one
+    device in this process."""
+    from hf_models import save_tiny
+    from cna_jax import convert, engine
+    from cna_jax.lm import LM
+
+    path, _ = save_tiny(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=4)
+    out = str(tmp_path / "engine.json")
+    run = _cluster([sys.executable, os.path.abspath(__file__), "engine", path, out], timeout=300,
+                   launcher_args=["--timeout=280"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = [json.load(open(f"{out}.{i}")) for i in range(2)]
+    cfg, params = convert.load(path)
+    prefix, rows, conds = engine_job(cfg)
+    want = engine.run(LM(cfg, params, tokenizer=None, chat=False), rows, conds, max_new_tokens=12, slots=16, chunk=3,
+                      prefix=prefix, eos_ids=[7], pad_id=0, length_multiple=4)
+    assert res[0]["tokens"] == res[1]["tokens"] == want
+    for r in res:
+        assert r["stats"]["compiled"] >= 2 and r["stats"]["loaded"] >= 2, r["stats"]
+        assert r["stats"]["calls"] >= 10, r["stats"]
+        assert r["jit_cache"] == {"prefix": 0, "decode": 0, "prefill": 0, "place": 0}, r["jit_cache"]
+    assert res[0]["stats"]["compiled"] + res[0]["stats"]["loaded"] == res[1]["stats"]["compiled"] + res[1]["stats"]["loaded"]
