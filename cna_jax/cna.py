@@ -95,7 +95,7 @@ def discover(lm: LM, harmful: Sequence[str], harmless: Sequence[str], k: int = -
     dense = keeps_dense(lm, max(len(harmful), len(harmless)), cache_dir, position, dense_bytes)
     kw = dict(position=position, last_k=last_k, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
               nodes="all" if dense else None)
-    mean_h = collect(lm, harmful, desc="collecting harmful", **kw).mean
+    mean_h = collect(lm, harmful, desc="collecting harmful", also=[harmless], **kw).mean
     mean_b = collect(lm, harmless, desc="collecting harmless", **kw).mean
     delta = mean_h - mean_b
     k = default_k(lm.cfg, fraction) if k in (-1, None) else int(k)

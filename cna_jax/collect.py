@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cna_jax import precompile
 from cna_jax.batching import padded_batches, split_shared_prefix
 from cna_jax.distributed import agree, barrier, is_writer
 from cna_jax.lm import LM
@@ -176,7 +177,8 @@ COLLECT_LENGTH_MULTIPLE = 8
 
 def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", last_k: int = 1,
             neuron_mult: np.ndarray | None = None, batch_size: int = 32, cache_dir: str | None = None,
-            progress: bool = True, desc: str = "collecting", share_prefix: bool = True) -> Activations:
+            progress: bool = True, desc: str = "collecting", share_prefix: bool = True,
+            also: Sequence[Sequence[str]] = ()) -> Activations:
     """Collects neuron statistics over ``prompts`` (formatted as ``lm`` formats them).
 
     nodes: None, "all", a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
@@ -188,6 +190,9 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
       rounding), so it does not enter the cache key; ``meta["shared_prefix_tokens"]`` records the
       length (0 when unused). With ``position="all"`` the full prompts run as they are, since every
       prompt's prefix positions are rows of the result.
+    also: prompt sets the caller collects next with the same settings: in a multi-process run their batch
+      shapes' programs are compiled now, with this call's, spread over the processes
+      (:func:`cna_jax.precompile.spread`); elsewhere ignored.
     """
     prompts = list(prompts)
     if not prompts:
@@ -222,13 +227,29 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     rows, row_prompt = [], []
     run = collect_batch if lm.layout is None else sharded_collect(cfg, lm.layout, lm.dtype)
     static = {"cfg": cfg, "dtype": lm.dtype} if lm.layout is None else {}
-    for batch_rows, tokens, valid in padded_batches(rows_ids, batch_size, lm.pad_id(), progress, desc,
-                                                    lm.batch_multiple(), COLLECT_LENGTH_MULTIPLE):
+
+    def arrays(batch_rows, tokens, valid):  # -> (the rows' selected positions that count, the call's arrays)
         select, sel_valid = _select_positions(valid, position, last_k)
         sel_valid[len(batch_rows):] = False  # filler rows repeat a real prompt; they must not count
         batch = (tokens, valid, select, sel_valid)
-        s, sq, acts = run(lm.params, *(batch if lm.layout is None else lm.global_batch(*batch)), mult, node_index,
-                          prefix, **static)
+        return sel_valid, batch if lm.layout is None else lm.global_batch(*batch)
+
+    batches = lambda ids, progress: padded_batches(ids, batch_size, lm.pad_id(), progress, desc, lm.batch_multiple(),
+                                                   COLLECT_LENGTH_MULTIPLE)
+    if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the batch shapes
+        progs = []
+        for other in [None, *also]:
+            pre, ids_ = (prefix, rows_ids) if other is None else split_shared_prefix(
+                lm.encode(list(other)), keep=last_k if position == "last_k" else 1,
+                share=share_prefix and position != "all")[:2]
+            shapes = {}
+            for batch in batches(ids_, False):
+                shapes.setdefault(batch[1].shape, batch)
+            progs += [run.program(lm.params, *arrays(*b)[1], mult, node_index, pre) for b in shapes.values()]
+        precompile.spread(progs)
+    for batch_rows, tokens, valid in batches(rows_ids, progress):
+        sel_valid, batch = arrays(batch_rows, tokens, valid)
+        s, sq, acts = run(lm.params, *batch, mult, node_index, prefix, **static)
         sums += lm.to_host(s).astype(np.float64)
         sumsq += lm.to_host(sq).astype(np.float64)
         count += int(sel_valid.sum())

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cna_jax import cpu_kernels
+from cna_jax import cpu_kernels, precompile
 from cna_jax.batching import padded_batches
-from cna_jax.engine import Condition, put_host_table, sharded_table, stack_conditions
+from cna_jax.engine import Condition, put_host_table, sharded_table, stack_conditions, table_shardings
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
-from cna_jax.sharding import Layout
+from cna_jax.sharding import Layout, ShardedFunction
 
 
 # At most this many layers' residual streams are kept per batch (every g-th layer, g = ceil(L / 16)):
@@ -94,6 +94,22 @@ def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg
     return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logq), axis=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def sharded_kl_functions(cfg: ModelConfig, layout: Layout, dtype, kernel: bool) -> tuple[ShardedFunction, ...]:
+    """:func:`residuals_fn`, :func:`logprobs_fn` and :func:`kl_fn` on a mesh with explicit shardings: rows
+    split over the batch axes, everything else replicated (the condition table as the engine places it).
+    Explicit shardings let a multi-process run compile them ahead from shapes alone (:mod:`cna_jax.precompile`)."""
+    rows = lambda ndim: layout.batch(ndim)
+    rep, params = layout.replicated(), layout.params(cfg, dtype)
+    residuals = layout.sharding((None, "batch", None, None))  # [K, B, T, E]
+    stat = dict(cfg=cfg, dtype=dtype)
+    rows_stat = dict(stat, kernel=kernel, layout=layout if kernel else None)
+    tail = (rep, rows(2), rows(2), table_shardings(layout), rows(1))  # start, valid, select, table, cond
+    return (ShardedFunction(residuals_fn.__wrapped__, layout, (params, rows(2), rows(2)), residuals, stat),
+            ShardedFunction(logprobs_fn.__wrapped__, layout, (params, residuals, *tail), rows(3), rows_stat),
+            ShardedFunction(kl_fn.__wrapped__, layout, (rows(3), params, residuals, *tail), rows(2), rows_stat))
+
+
 def use_row_kernels(lm) -> bool:
     """Whether :func:`kl_along` runs its log-softmax and KL through the CPU kernels (on CPU, when built;
     XLA's ops elsewhere): the KL of 600 positions (4 rows x 150) over a 49k vocabulary takes ~40 ms instead
@@ -148,11 +164,15 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     if lm.layout is not None:
         rep = lambda c, b: lm.global_batch(np.full((b,), c, np.int32))[0]
         scalar = lambda v: jax.make_array_from_callback((), lm.layout.replicated(), lambda idx: np.int32(v))
+        sharded = sharded_kl_functions(lm.cfg, lm.layout, lm.dtype, kernel)
+        run_residuals, run_logprobs, run_kl = sharded
     else:
         rep = lambda c, b: jnp.full((b,), c, jnp.int32)
         scalar = jnp.int32
-    batches = padded_batches(seqs, batch_size, pad, progress=progress, desc=desc, multiple=lm.batch_multiple())
-    for rows, tokens, valid in batches:
+        run_residuals = functools.partial(residuals_fn, **stat)
+        run_logprobs, run_kl = functools.partial(logprobs_fn, **rows_stat), functools.partial(kl_fn, **rows_stat)
+
+    def arrays(rows, tokens, valid):  # -> (rows' scored lengths, tokens, valid, select) of one batch
         b, t = tokens.shape
         # Scored positions per row: a continuation is shorter than its sequence, so min(t, n) columns
         # hold every row's (short batches skip the head and softmax at positions none of them has).
@@ -160,15 +180,33 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
         lens = np.array([len(cont[r]) for r in rows] + [len(cont[rows[0]])] * (b - len(rows)))  # fillers repeat
         # Position t-1-len+j reads the prompt's last token (j = 0) or continuation token j-1, predicting token j.
         select = np.minimum(t - 1 - lens[:, None] + np.arange(m)[None, :], t - 1).astype(np.int32)
-        arrays = (tokens, valid, select)
-        if lm.layout is not None:
-            arrays = lm.global_batch(*arrays)
-        tokens_, valid_, select_ = arrays
-        residuals = residuals_fn(lm.params, tokens_, valid_, **stat)
-        ref = logprobs_fn(lm.params, residuals, scalar(last), valid_, select_, tables[0], rep(1, b), **rows_stat)
+        out = (tokens, valid, select)
+        return (lens, *(out if lm.layout is None else lm.global_batch(*out)))
+
+    batches = lambda progress: padded_batches(seqs, batch_size, pad, progress=progress, desc=desc,
+                                              multiple=lm.batch_multiple())
+    if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the batch shapes
+        slow, fast, seen = [], [], set()  # per batch shape: log-probabilities and KL (~8 s each), residuals (~2 s)
+        for batch in batches(False):
+            if batch[1].shape not in seen:
+                seen.add(batch[1].shape)
+                _, tokens_, valid_, select_ = arrays(*batch)
+                b = tokens_.shape[0]
+                res = sharded[0].out_abstract(lm.params, tokens_, valid_)
+                tail = (valid_, select_, tables[0], rep(0, b))
+                ref = sharded[1].out_abstract(lm.params, res, scalar(last), *tail)
+                slow += [sharded[1].program(lm.params, res, scalar(last), *tail),
+                         sharded[2].program(ref, lm.params, res, scalar(last), *tail)]
+                fast.append(sharded[0].program(lm.params, tokens_, valid_))
+        precompile.spread(slow + fast)
+    for rows, tokens, valid in batches(progress):
+        lens, tokens_, valid_, select_ = arrays(rows, tokens, valid)
+        b = tokens.shape[0]
+        residuals = run_residuals(lm.params, tokens_, valid_)
+        ref = run_logprobs(lm.params, residuals, scalar(last), valid_, select_, tables[0], rep(1, b))
         for c in range(len(conditions)):
-            kl = lm.to_host(kl_fn(ref, lm.params, residuals, scalar(starts[c]), valid_, select_, tables[c],
-                                  rep(0, b), **rows_stat))
+            kl = lm.to_host(run_kl(ref, lm.params, residuals, scalar(starts[c]), valid_, select_, tables[c],
+                                   rep(0, b)))
             for i, r in enumerate(rows):
                 out[c, r, :lens[i]] = kl[i, :lens[i]]
     return out

@@ -3,12 +3,12 @@
 Every process of a multi-controller run compiles the same SPMD programs. On the study's 2-core CPU run
 (2 processes x 1 device) a compile (4-25 s per program for SmolLM2's 30 layers, ~250 s per process over
 the study) is paid on both cores at once, each busy with the same work. :func:`spread` hands the programs
-a stage knows it will run out instead: process i compiles programs i, i + N, i + 2N, ... of the list,
-publishes each executable (serialized) through the distributed runtime's key-value store, and loads the
-others' executables from it; a later call whose arguments have the same types then runs the loaded
-program (:func:`lookup`). The programs are the ones the calls would have compiled (same function, same
-arguments' shapes, shardings and static values), so results are bit-identical. In one process nothing
-changes: programs compile on their first call.
+a stage knows it will run out instead: each process compiles the next program of the list that no
+process has taken yet, publishes its executable (serialized) through the distributed runtime's key-value
+store, and loads the others' executables from it; a later call whose arguments have the same types then
+runs the loaded program (:func:`lookup`). The programs are the ones the calls would have compiled (same
+function, same arguments' shapes, shardings and static values), so results are bit-identical. In one
+process nothing changes: programs compile on their first call.
 
 This module imports only JAX (it sits below ``cna_jax.sharding``).
 """
@@ -68,9 +68,9 @@ def spread(programs: Sequence[tuple[Callable, Any, dict | None, Callable[[], Any
     """Compiles ``programs`` over the processes; returns how many this process compiled itself.
 
     programs: (fn, args, static, lower) per call the stage will make, ``lower()`` returning its
-    ``jax.stages.Lowered`` (arguments may be ``jax.ShapeDtypeStruct``). Every process must pass the same
-    list in the same order (SPMD). Programs already spread, and repeats, are skipped. One process: returns
-    0 and compiles nothing (each program then compiles on its first call)."""
+    ``jax.stages.Lowered`` (arguments may be ``jax.ShapeDtypeStruct``), the slowest to compile first. Every
+    process must pass the same list in the same order (SPMD). Programs already spread, and repeats, are
+    skipped. One process: returns 0 and compiles nothing (each program then compiles on its first call)."""
     from jax.experimental import serialize_executable
 
     n = jax.process_count()
@@ -84,18 +84,22 @@ def spread(programs: Sequence[tuple[Callable, Any, dict | None, Callable[[], Any
             todo.append((key, lower))
     if not todo:
         return 0
-    client, me, r = _client(), jax.process_index(), next(_ROUND)
+    client, r = _client(), next(_ROUND)
     t0 = time.perf_counter()
     name = lambda j: f"cna_jax/precompile/{r}/{j}"
-    mine = [j for j in range(len(todo)) if j % n == me]
-    for j in mine:
+    # Each process takes the next program nobody has taken (an atomic counter in the store): compile times
+    # differ 20x between programs (a 30-layer prefill against a slot copy), so a fixed split would leave one
+    # process waiting; callers list their programs slowest first.
+    mine = []
+    while (j := client.key_value_increment(name("next"), 1) - 1) < len(todo):
+        mine.append(j)
         key, lower = todo[j]
         compiled = lower().compile()
         client.key_value_set_bytes(name(j), pickle.dumps(serialize_executable.serialize(compiled)))
         _PROGRAMS[key] = compiled
         stats["compiled"] += 1
     for j in range(len(todo)):
-        if j % n != me:
+        if j not in mine:
             data, in_tree, out_tree = pickle.loads(client.blocking_key_value_get_bytes(name(j), TIMEOUT_MS))
             _PROGRAMS[todo[j][0]] = serialize_executable.deserialize_and_load(data, in_tree, out_tree)
             stats["loaded"] += 1
@@ -103,6 +107,8 @@ def spread(programs: Sequence[tuple[Callable, Any, dict | None, Callable[[], Any
     client.wait_at_barrier(f"cna_jax/precompile/{r}/loaded", TIMEOUT_MS)
     for j in mine:
         client.key_value_delete(name(j))
+    if jax.process_index() == 0:
+        client.key_value_delete(name("next"))
     log.info("precompile: %d programs over %d processes (%d compiled here) in %.1fs", len(todo), n, len(mine),
              time.perf_counter() - t0)
     return len(mine)

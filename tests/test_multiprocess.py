@@ -101,13 +101,14 @@ def engine_job(cfg):
 
 
 def _engine_driver(path: str, out: str) -> None:
-    """Runs :func:`engine_job` on a (8, 1, 1) mesh over both processes (packed weights, the CPU kernels);
-    every process writes its tokens, its precompile counts and the jit caches' sizes of the job's programs
-    (0: every call ran a program precompile.spread compiled or loaded)."""
+    """Runs :func:`engine_job` on a (8, 1, 1) mesh over both processes (packed weights, the CPU kernels),
+    then the KL of its conditions along the generated tokens (``damage.kl_along``); every process writes its
+    tokens, KLs, precompile counts and the jit caches' sizes of the programs (0: every call ran a program
+    precompile.spread compiled or loaded)."""
     from cna_jax import distributed
     distributed.initialize()
     import jax
-    from cna_jax import convert, engine, precompile
+    from cna_jax import convert, damage, engine, precompile
     from cna_jax import sharding as S
     from cna_jax.lm import LM
 
@@ -118,9 +119,12 @@ def _engine_driver(path: str, out: str) -> None:
     prefix, rows, conds = engine_job(cfg)
     tokens = engine.run(lm, rows, conds, max_new_tokens=12, slots=16, chunk=3, prefix=prefix, eos_ids=[7], pad_id=0,
                         length_multiple=4)
+    kl = damage.kl_along(lm, [prefix + ids for ids, _ in rows], tokens, conds, batch_size=8)
     fns = engine.sharded_functions(cfg, layout, lm.dtype, 16, 6 + 12 + 12, 12, 3)
     jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(4), "place": fns.place.at(4)}
-    json.dump({"tokens": tokens, "stats": precompile.stats,
+    jitted.update(zip(("residuals", "logprobs", "kl"),
+                      damage.sharded_kl_functions(cfg, layout, lm.dtype, damage.use_row_kernels(lm))))
+    json.dump({"tokens": tokens, "kl": kl.tolist(), "stats": precompile.stats,
                "jit_cache": {k: f.jitted._cache_size() for k, f in jitted.items()}},
               open(f"{out}.{jax.process_index()}", "w"))
 
@@ -209,12 +213,14 @@ def test_launcher_environment_and_timeout():
 
 
 def test_engine_programs_compile_once_over_processes(tmp_path):
-    """A sharded engine job over 2 processes x 4 devices: the job's programs (prefix, store, prefills,
-    place, decode) are compiled each by one process and loaded by the other (cna_jax.precompile), every call
-    runs them (the jitted functions' own caches stay empty), and the tokens equal the same job on one
-    device in this process."""
+    """A sharded engine job and the KL along its tokens over 2 processes x 4 devices: the programs (prefix,
+    store, prefills, place, decode; the KL's residuals, reference log-probabilities and KL per batch shape)
+    are compiled each by one process and loaded by the other (cna_jax.precompile), every call runs them (the
+    jitted functions' own caches stay empty), and the tokens equal the same job on one device in this
+    process, the KLs too up to float32 rounding."""
+    import numpy as np
     from hf_models import save_tiny
-    from cna_jax import convert, engine
+    from cna_jax import convert, damage, engine
     from cna_jax.lm import LM
 
     path, _ = save_tiny(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=4)
@@ -228,9 +234,15 @@ def test_engine_programs_compile_once_over_processes(tmp_path):
     want = engine.run(LM(cfg, params, tokenizer=None, chat=False), rows, conds, max_new_tokens=12, slots=16, chunk=3,
                       prefix=prefix, eos_ids=[7], pad_id=0, length_multiple=4)
     assert res[0]["tokens"] == res[1]["tokens"] == want
+    kl = damage.kl_along(LM(cfg, params, tokenizer=None, chat=False), [prefix + ids for ids, _ in rows], want, conds,
+                         batch_size=8)
+    assert res[0]["kl"] == res[1]["kl"]
+    np.testing.assert_allclose(np.array(res[0]["kl"], float), kl, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(kl).all() and (kl[0] == 0).all() and (kl[1:].max(axis=(1, 2)) > 1e-5).all()  # none; masks
     for r in res:
         assert r["stats"]["compiled"] >= 2 and r["stats"]["loaded"] >= 2, r["stats"]
         assert r["stats"]["calls"] >= 10, r["stats"]
-        assert r["jit_cache"] == {"prefix": 0, "decode": 0, "prefill": 0, "place": 0}, r["jit_cache"]
+        assert r["jit_cache"] == dict.fromkeys(["prefix", "decode", "prefill", "place", "residuals", "logprobs", "kl"],
+                                               0), r["jit_cache"]
     programs = [r["stats"]["compiled"] + r["stats"]["loaded"] for r in res]
     assert programs[0] == programs[1], programs
