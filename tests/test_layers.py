@@ -15,8 +15,9 @@ PACKAGE = "cna_jax"
 # Lowest first. Within a rank the order counts too: a module may import the ones listed before it.
 LAYERS = [
     # 0: the package marker, the CPU kernels, the Flax decoder, and leaf utilities that import nothing of ours
+    # (precompile: programs compiled once over the processes, below the sharded-jit wrapper that runs them)
     ["", "cpu_kernels", "models.config", "models.llama", "models", "distributed", "data", "neurons", "stats",
-     "refusal"],
+     "refusal", "precompile"],
     # 1: meshes, logical-axis rules, layouts, shardings, the sharded-jit wrapper
     ["sharding"],
     # 2: checkpoints in and out
