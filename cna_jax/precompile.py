@@ -39,19 +39,19 @@ def _leaf(x) -> Hashable:
     return ("value", x)  # static values (configs, layer numbers) by value
 
 
-def signature(fn: Callable, args: Any, static: dict | None = None) -> Hashable:
-    """What a call's compiled program depends on: the function, the arguments' tree structure, each array
-    argument's shape and dtype (their shardings are the function's ``in_shardings``, or the arrays' own,
-    fixed per call site) and the static values."""
+def signature(fn: Callable, args: Any) -> Hashable:
+    """What a call's compiled program depends on: the function (its static values bound), the arguments'
+    tree structure and each array argument's shape and dtype (their shardings are the function's
+    ``in_shardings``)."""
     leaves, tree = jax.tree.flatten(args)
-    return fn, tree, tuple(_leaf(x) for x in leaves), tuple(sorted((static or {}).items()))
+    return fn, tree, tuple(_leaf(x) for x in leaves)
 
 
-def lookup(fn: Callable, args: Any, static: dict | None = None):
+def lookup(fn: Callable, args: Any):
     """The program :func:`spread` compiled or loaded for this call, or None (call ``fn`` as usual)."""
     if not _PROGRAMS:
         return None
-    exe = _PROGRAMS.get(signature(fn, args, static))
+    exe = _PROGRAMS.get(signature(fn, args))
     stats["calls"] += exe is not None
     return exe
 
@@ -64,10 +64,10 @@ def _client():
     return client
 
 
-def spread(programs: Sequence[tuple[Callable, Any, dict | None, Callable[[], Any]]]) -> int:
+def spread(programs: Sequence[tuple[Callable, Any, Callable[[], Any]]]) -> int:
     """Compiles ``programs`` over the processes; returns how many this process compiled itself.
 
-    programs: (fn, args, static, lower) per call the stage will make, ``lower()`` returning its
+    programs: (fn, args, lower) per call the stage will make, ``lower()`` returning its
     ``jax.stages.Lowered`` (arguments may be ``jax.ShapeDtypeStruct``), the slowest to compile first. Every
     process must pass the same list in the same order (SPMD). Programs already spread, and repeats, are
     skipped. One process: returns 0 and compiles nothing (each program then compiles on its first call)."""
@@ -77,8 +77,8 @@ def spread(programs: Sequence[tuple[Callable, Any, dict | None, Callable[[], Any
     if n == 1:
         return 0
     todo, seen = [], set()
-    for fn, args, static, lower in programs:
-        key = signature(fn, args, static)
+    for fn, args, lower in programs:
+        key = signature(fn, args)
         if key not in _PROGRAMS and key not in seen:
             seen.add(key)
             todo.append((key, lower))

@@ -384,7 +384,7 @@ class ShardedFunction:
         """This call as an entry of :func:`cna_jax.precompile.spread` (arrays or ``jax.ShapeDtypeStruct``;
         one without a sharding gets this function's ``in_shardings``)."""
         full = self._full(args, kwargs)
-        return self.jitted, full, None, lambda: self.lower(*args, **kwargs)
+        return self.jitted, full, lambda: self.lower(*args, **kwargs)
 
     def out_abstract(self, *args, **kwargs):
         """The outputs' ``jax.ShapeDtypeStruct`` tree for these arguments (traces, compiles nothing)."""
