@@ -217,8 +217,9 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     ids = lm.encode(prompts)
     if position == "last_k" and min(map(len, ids)) < last_k:
         raise ValueError(f"last_k={last_k} exceeds the shortest prompt ({min(map(len, ids))} tokens)")
-    prefix, rows_ids, shared = split_shared_prefix(ids, keep=last_k if position == "last_k" else 1,
-                                                   share=share_prefix and position != "all")
+    split = lambda ids: split_shared_prefix(ids, keep=last_k if position == "last_k" else 1,
+                                            share=share_prefix and position != "all")
+    prefix, rows_ids, shared = split(ids)
     node_index = jnp.asarray(flat_cols, jnp.int32)
     mult = lm.multiplier_array(neuron_mult)
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
@@ -239,9 +240,7 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the batch shapes
         progs = []
         for other in [None, *also]:
-            pre, ids_ = (prefix, rows_ids) if other is None else split_shared_prefix(
-                lm.encode(list(other)), keep=last_k if position == "last_k" else 1,
-                share=share_prefix and position != "all")[:2]
+            pre, ids_ = (prefix, rows_ids) if other is None else split(lm.encode(list(other)))[:2]
             shapes = {}
             for batch in batches(ids_, False):
                 shapes.setdefault(batch[1].shape, batch)

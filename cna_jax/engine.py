@@ -827,8 +827,6 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     pending = collections.deque(prefill_calls(rows, from_start, p))
     prefix_ids = jnp.asarray(prefix, jnp.int32) if q else None
     if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the job's programs
-        if devices[0].platform == "cpu":
-            cpu_kernels.register_all()
         precompile.spread(_job_programs(fns, lm, prefix_ids, table, eos, packed, decode_packed, state, rows, pending,
                                         from_start, p, t, start, len(where), pad, length_multiple))
     prefix_kv = fns.prefix(lm.params, prefix_ids, table, **packed) if q else None

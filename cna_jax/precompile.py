@@ -10,7 +10,7 @@ runs the loaded program (:func:`lookup`). The programs are the ones the calls wo
 function, same arguments' shapes, shardings and static values), so results are bit-identical. In one
 process nothing changes: programs compile on their first call.
 
-This module imports only JAX (it sits below ``cna_jax.sharding``).
+This module sits below ``cna_jax.sharding``; of the package it imports only ``cna_jax.cpu_kernels``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import time
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
+
+from cna_jax import cpu_kernels
 
 log = logging.getLogger(__name__)
 # (function, argument signature) -> jax.stages.Compiled
@@ -98,6 +100,8 @@ def spread(programs: Sequence[tuple[Callable, Any, Callable[[], Any]]]) -> int:
         client.key_value_set_bytes(name(j), pickle.dumps(serialize_executable.serialize(compiled)))
         _PROGRAMS[key] = compiled
         stats["compiled"] += 1
+    if jax.devices()[0].platform == "cpu":  # a loaded program may call the FFI kernels this process never traced
+        cpu_kernels.register_all()
     for j in range(len(todo)):
         if j not in mine:
             data, in_tree, out_tree = pickle.loads(client.blocking_key_value_get_bytes(name(j), TIMEOUT_MS))
