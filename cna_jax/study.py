@@ -475,12 +475,16 @@ class Study:
         def run(stage):
             lm = self.lm("instruct")
             items = [(f"{ps}-{p['sweep']}-{p['value']:g}", sets[ps], j, ps) for j, p in enumerate(new) for ps in sets]
+            # The sweeps report harmless quality only (docs/METHOD.md §4.3), so a harmful row stops as soon as
+            # its refusal flag is settled.
             done = self._engine_job(stage, lm, [x[:3] for x in items], [p["condition"] for p in new], "sweeps job",
-                                    table_rows=table_rows)
+                                    flag_only=lambda item: item.startswith("harmful-"), table_rows=table_rows)
             out = [{"sweep": p["sweep"], "value": p["value"], "n_neurons": p["n_neurons"]} for p in new]
             for item, prompts, j, ps in items:
                 r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
                 out[j][ps] = {k: r[k] for k in ("rate", "n", "mean_quality", "flags")}
+                if ps == "harmful":
+                    out[j][ps]["mean_quality"] = None  # of generations cut once their flag settled: not a quality
             if kl is not None:  # one KL dict per new point, in the same order
                 for o, k in zip(out, kl, strict=True):
                     o.update(k)
@@ -572,7 +576,9 @@ def sweep_rows(points: list[dict], new: list[dict], refusal: dict, damage: dict 
         for ps, v in per_set.items():
             count = int(sum(v["flags"]))
             none = refusal[f"{ps}/none"]
-            row[ps] = {"rate": v["rate"], "n": v["n"], "count": count, "mean_quality": v["mean_quality"],
+            # harmless quality only: the sweeps job stops harmful rows once their flag settles
+            row[ps] = {"rate": v["rate"], "n": v["n"], "count": count,
+                       "mean_quality": v["mean_quality"] if ps == "harmless" else None,
                        "ci": list(stats_lib.wilson_interval(count, v["n"])),
                        "mcnemar_p": stats_lib.mcnemar_exact(none["flags"], v["flags"])}
         row.update(kl)

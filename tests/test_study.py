@@ -96,6 +96,8 @@ def test_study_end_to_end_reuse_and_resume(single_study, tmp_path):
     assert sum(v is not None for v in same.values()) == 2  # k = 24 is none of the sweep's sizes
     m0 = next(x for x in full["sweeps"] if x["same_as"] == "cna")
     assert m0["harmful"]["rate"] == full["refusal"]["harmful/cna"] and m0["kl_seq"] == full["damage"]["cna"]["kl_seq"]
+    # Harmless quality only: the sweeps job stops harmful rows once their flag settles (docs/METHOD.md §5.3).
+    assert all(x["harmful"]["mean_quality"] is None and 0 <= x["harmless"]["mean_quality"] <= 1 for x in full["sweeps"])
     # The multiplier sweep's m = 1.5 and m = 0.5 points move the model less than m = -1 (KL_first, in nats).
     kl_m = {x["value"]: x["kl_first"] for x in full["sweeps"] if x["sweep"] == "multiplier"}
     assert kl_m[-1.0] > kl_m[0.5] and kl_m[-1.0] > kl_m[1.5]
