@@ -152,6 +152,36 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+def test_kernels_give_the_same_bits_on_one_cpu_and_on_several():
+    """Where the process may use several CPUs the packed matmul splits its column tiles and decode attention
+    its slots over XLA's intra-op threads (csrc/parallel.h); each tile or slot is still computed whole by one
+    thread, so the outputs equal, bit for bit, those of the same process pinned to one CPU (where neither
+    splits). The shapes are large enough to split (a part keeps ~1 MFLOP)."""
+    import os
+
+    assert cpu_kernels.matmul_enabled() and cpu_kernels.enabled()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((48, 576)).astype(np.float32))
+    wp = cpu_kernels.pack(jnp.asarray(rng.standard_normal((576, 1000)).astype(np.float32)))
+    q = jnp.asarray(rng.standard_normal((16, 3, 3, 64)).astype(np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((16, 3, 200, 64)).astype(np.float32)) for _ in range(2))
+    mask = jnp.asarray(rng.random((16, 200)) < 0.7)
+    matmul = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)
+    attention = jax.jit(cpu_kernels.decode_attention, static_argnums=4)
+    cpus = os.sched_getaffinity(0)
+    outs = []
+    try:
+        for allowed in (cpus, {min(cpus)}):
+            os.sched_setaffinity(0, allowed)
+            outs.append((np.asarray(matmul(x, wp, 1000)), np.asarray(attention(q, k, v, mask, 0.125))))
+    finally:
+        os.sched_setaffinity(0, cpus)
+    for several, one in zip(*outs):
+        np.testing.assert_array_equal(several, one)
+    np.testing.assert_allclose(outs[0][0], np.asarray(x) @ np.asarray(
+        wp.transpose(1, 0, 2).reshape(576, -1)[:, :1000]), rtol=2e-4, atol=2e-4)
+
+
 def test_engine_through_packed_weights(tiny, monkeypatch):
     """engine.packed_weights packs a model once (the same object for the next job), only on one CPU device in
     float32. Compiled with them, prefill and the decode step call the kernel for every weight product (7 per

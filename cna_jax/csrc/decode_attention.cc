@@ -3,13 +3,15 @@
 // and registers it). Shapes: q [B, K, G, D], k and v [B, K, S, D], mask [B, S] (true = attend),
 // out [B, K, G, D]; all float32. The arithmetic is the XLA path's (scores * scale, softmax over the
 // valid columns, probabilities times values) in a fixed order, with its own exp, so one build gives the same
-// bits on every machine it runs on.
+// bits on every machine it runs on. Slots are split over XLA's intra-op threads where the process may use
+// more than one CPU (parallel.h); a slot is computed whole by one thread, so the bits stay the same.
 #include <cmath>
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "vec8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,7 +34,7 @@ inline void AccumulateValues(const float* p, const float* v, const int32_t* cols
   std::memcpy(out, acc, sizeof(acc));
 }
 
-ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
@@ -50,10 +52,15 @@ ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
 
-  std::vector<int32_t> cols(s_n);
-  std::vector<float> p(g_n * s_n);  // [G, valid columns]
-  std::vector<float> mx(g_n), total(g_n);
-  for (int64_t b = 0; b < b_n; ++b) {
+  const auto slot = [&](int64_t b) {
+    // Scratch per thread, grown to this call's sizes: the valid columns, probabilities [G, valid], per-row
+    // maxima and totals.
+    thread_local std::vector<int32_t> cols;
+    thread_local std::vector<float> p, mx, total;
+    cols.resize(s_n);
+    p.resize(g_n * s_n);
+    mx.resize(g_n);
+    total.resize(g_n);
     const bool* m = mp + b * s_n;
     int64_t n = 0;
     for (int64_t s = 0; s < s_n; ++s) {
@@ -124,7 +131,9 @@ ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
         for (; d0 < d_n; d0 += kLanes) AccumulateValues<1>(pg, vh + d0, cols.data(), n, d_n, o + d0);
       }
     }
-  }
+  };
+  // Split where each part keeps ~1 MFLOP (a slot's full window as the estimate).
+  cna::ParallelFor(pool, b_n, cna::Parts(pool, b_n, 4.0 * k_n * g_n * s_n * d_n, 1e6), slot);
   return ffi::Error::Success();
 }
 
@@ -132,6 +141,7 @@ ffi::Error DecodeAttention(float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("scale")
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

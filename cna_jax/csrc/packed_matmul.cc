@@ -8,12 +8,15 @@
 // straight into registers (one-core rates and the trade in cpu_kernels.py).
 //
 // Every y[m, n] is one fused multiply-add chain over k = 0 .. K-1 in order, whatever the vector width, so
-// the AVX-512, AVX2+FMA and portable (std::fma) builds give the same bits.
+// the AVX-512, AVX2+FMA and portable (std::fma) builds give the same bits. Column tiles are split over
+// XLA's intra-op threads where the process may use more than one CPU (parallel.h): each tile is still
+// computed whole by one thread, so the bits do not depend on the number of threads either.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -82,7 +85,8 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float
 }
 #endif
 
-ffi::Error PackedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
       yd[0] != xd[0] || yd[1] > wd[0] * kPanel || yd[1] <= (wd[0] - 1) * kPanel) {
@@ -100,24 +104,27 @@ ffi::Error PackedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::R
     last_rows.assign(kRows * k_n, 0.0f);
     std::memcpy(last_rows.data(), a + full_rows * k_n, sizeof(float) * (m_n - full_rows) * k_n);
   }
-  float tail[kRows * kCols];
-  for (int64_t p = 0; p < p_n; ++p) {
+  // Column tile t: columns [t * kCols, t * kCols + kCols) of y, every row block.
+  const int64_t tiles = (n_n + kCols - 1) / kCols;
+  const auto tile = [&](int64_t t) {
+    float tail[kRows * kCols];
+    const int64_t n0 = t * kCols, p = n0 / kPanel, c0 = n0 % kPanel;
     const float* bp = b + p * k_n * kPanel;
-    for (int64_t c0 = 0; c0 < kPanel && p * kPanel + c0 < n_n; c0 += kCols) {
-      const int64_t n0 = p * kPanel + c0;
-      const int64_t cols = n_n - n0 < kCols ? n_n - n0 : kCols;
-      for (int64_t m0 = 0; m0 < m_n; m0 += kRows) {
-        const int64_t rows = m_n - m0 < kRows ? m_n - m0 : kRows;
-        const float* am = rows == kRows ? a + m0 * k_n : last_rows.data();
-        if (rows == kRows && cols == kCols) {
-          Tile(am, k_n, bp + c0, k_n, c + m0 * n_n + n0, n_n);
-          continue;
-        }
-        Tile(am, k_n, bp + c0, k_n, tail, kCols);
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (m0 + r) * n_n + n0, tail + r * kCols, sizeof(float) * cols);
+    const int64_t cols = n_n - n0 < kCols ? n_n - n0 : kCols;
+    for (int64_t m0 = 0; m0 < m_n; m0 += kRows) {
+      const int64_t rows = m_n - m0 < kRows ? m_n - m0 : kRows;
+      const float* am = rows == kRows ? a + m0 * k_n : last_rows.data();
+      if (rows == kRows && cols == kCols) {
+        Tile(am, k_n, bp + c0, k_n, c + m0 * n_n + n0, n_n);
+        continue;
       }
+      Tile(am, k_n, bp + c0, k_n, tail, kCols);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (m0 + r) * n_n + n0, tail + r * kCols, sizeof(float) * cols);
     }
-  }
+  };
+  // A pool task costs a few microseconds: split only where each part keeps ~1 MFLOP (~10 us on one core).
+  const double tile_flops = 2.0 * m_n * k_n * kCols;
+  cna::ParallelFor(pool, tiles, cna::Parts(pool, tiles, tile_flops, 1e6), tile);
   return ffi::Error::Success();
 }
 
@@ -125,6 +132,7 @@ ffi::Error PackedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::R
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
