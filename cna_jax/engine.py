@@ -22,11 +22,6 @@ Between calls the host reads which rows ended (EOS, ``max_new_tokens``, or the c
 which ``retire`` marks on the device), hands their tokens to the caller (``on_finish``; the study
 appends them to disk) and queues new rows into the freed slots.
 
-Once no row is left to queue, the running rows move into half as many slots whenever they fit (``shrink``,
-each device group keeping its own rows; at most twice, to a quarter of the slots): the steps that finish a
-job's last long rows then cost what the fewer slots do, not what the idle ones did (:func:`shrunk_slots`).
-A row's tokens do not depend on its slot or on the number of slots.
-
 Cache layout per slot, width ``W = Q + T + R``: ``[0, Q)`` the shared chat-template prefix (computed
 once per condition per job, with that condition's intervention: it applies to the prefix too),
 ``[Q, Q + T)`` the row's left-padded suffix, ``[Q + T, W)`` a ring of ``R = max_new_tokens`` columns
@@ -40,8 +35,7 @@ neuron sets in the last layers, the study's nulls among them) share the unmodifi
 per prompt: a store pass (:func:`store_fn`) computes each distinct prompt's keys/values below s and its
 residual entering s once, and those rows' prefill runs only layers s..L-1 from there.
 
-Compiled shapes per job: one prefix pass, one decode chunk per slot count (S, S/2, S/4) and the shrinks
-between them, one place, one retire per slot count (only with ``stop``),
+Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``),
 one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
 10-21-token suffixes), and with a store one store pass and one more prefill per bucket; all are cached
 across jobs with the same (S, T, Q, C bucket, max_new_tokens, s).
@@ -411,61 +405,6 @@ def retire_fn(done, mask):
     return done | mask
 
 
-def shrink_fn(state: SlotState, idx, *, slot_axes: SlotState | None = None) -> SlotState:
-    """The state of the slots ``idx`` [S'] (global indices) alone: ``run`` moves its last running rows into
-    fewer slots once no row is left to queue, so the decode steps that finish them cost what S' slots do.
-    slot_axes: inside ``shard_map`` (:func:`sharded_shrink_fn`), the mesh axes each array's slot axis is
-    split over; device d's S'/ways new slots come from its own block (``run`` keeps a row in its device group)."""
-    slot_axes = slot_axes if slot_axes is not None else jax.tree.map(lambda _: (), state)
-
-    def take(x, ax):
-        if not x.ndim:  # the clock
-            return x
-        n = idx.shape[0] // (math.prod(jax.lax.axis_size(a) for a in ax) if ax else 1)
-        d = jax.lax.axis_index(ax) if ax else 0
-        rows = jax.lax.dynamic_slice_in_dim(idx, d * n, n) - d * x.shape[0]
-        return jnp.take(x, rows, axis=0)
-
-    return jax.tree.map(take, state, slot_axes)
-
-
-def sharded_shrink_fn(layout, state_sh: SlotState) -> Callable:
-    """:func:`shrink_fn` on a mesh, in ``shard_map``: each device gathers its own slots (no data crosses
-    devices); ``idx`` replicated."""
-    from jax import shard_map
-    from jax.sharding import PartitionSpec
-
-    specs = jax.tree.map(lambda sh: sh.spec, state_sh)
-    local = functools.partial(shrink_fn, slot_axes=jax.tree.map(lambda sh: _spec_axes(sh.spec), state_sh))
-    return shard_map(local, mesh=layout.mesh, in_specs=(specs, PartitionSpec()), out_specs=specs)
-
-
-def shrink_least(per_group: int) -> int:
-    """The fewest slots per device group a job shrinks to: a quarter of its own (two more decode programs)."""
-    return max(1, per_group // 4)
-
-
-def shrunk_slots(occupant: Sequence[int], groups: int, least: int) -> np.ndarray | None:
-    """Slots for the running rows (``occupant`` >= 0) once no row is left to queue: half as many slots,
-    halved again while they fit, each group of ``len(occupant) // groups`` slots (a device group) keeping
-    its own rows, padded with its free slots; None when fewer than half would not fit or would drop below
-    ``least`` slots per group."""
-    s = len(occupant)
-    per = s // groups
-    busy = [[i for i in range(j * per, (j + 1) * per) if occupant[i] >= 0] for j in range(groups)]
-    need = max(map(len, busy))
-    new = per
-    while new % 2 == 0 and new // 2 >= max(need, least):
-        new //= 2
-    if new == per:
-        return None
-    idx = []
-    for j, rows in enumerate(busy):
-        free = [i for i in range(j * per, (j + 1) * per) if occupant[i] < 0]
-        idx += rows + free[:new - len(rows)]
-    return np.asarray(idx, np.int32)
-
-
 # XLA:CPU compiles the decode step's skinny matrix products (one row per slot: [S, E] x [E, F]) faster as
 # plain dots than inside its YNNPACK / XNNPACK library fusions: a batch-32 SmolLM2 step took 228 ms with
 # them and 183 ms without (launch/bench_generate.py --g5, one core). Prefill keeps them: its [P x T, E]
@@ -537,7 +476,6 @@ _prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_ne
 _store = jax.jit(store_fn, static_argnames=("cfg", "dtype", "stop", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
 _retire = jax.jit(retire_fn, donate_argnums=(0,))
-_shrink = jax.jit(shrink_fn)
 _pack_jit = jax.jit(_pack_params, static_argnames=("cfg",))
 
 
@@ -562,7 +500,6 @@ class Functions:
     put_rows: Callable  # host [P, ...] arrays -> device arrays (prefill's rows, place's indices)
     put_table: Callable  # host condition arrays -> device arrays
     store: Callable  # (params, prefix_kv, tokens, valid, cond, table, stop=) -> (KVCache, residual), :func:`store_fn`
-    shrink: Callable  # (state, idx [S'] global slot indices) -> the state of those S' slots (:func:`shrink_fn`)
     # Device groups of a P-row prefill: staged row j may only go to a slot of its own group (row group
     # j // (P // g), slot group s // (S // g)), so placing moves no data across devices.
     groups: Callable[[int], int] = lambda p: 1
@@ -583,8 +520,7 @@ def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max
         prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
         place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
-        put_table=put_host_table, store=functools.partial(_store, **stat),
-        shrink=lambda state, idx: _shrink(state, jnp.asarray(idx)))
+        put_table=put_host_table, store=functools.partial(_store, **stat))
 
 
 @functools.lru_cache(maxsize=16)
@@ -670,16 +606,8 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
         return tuple(jax.make_array_from_callback(a.shape, sh(a), lambda idx, a=a: a[idx]) for a in arrays)
 
     retire = ShardedFunction(retire_fn, layout, (b1, b1 if split(slots) else rep), b1, {}, donate=(0,))
-    shrink_sh = ShardedFunction(sharded_shrink_fn(layout, state_sh), layout, (state_sh, rep), state_sh, {})
-
-    def shrink(state, idx):
-        return shrink_sh(state, jax.make_array_from_callback(idx.shape, rep, lambda i: idx[i]))
-
-    shrink.sharded = shrink_sh
-    shrink.program = lambda state, n: shrink_sh.program(state, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep))
-
     return Functions(empty, prefix, prefill, place, decode, retire, put_rows, functools.partial(sharded_table, layout),
-                     store, shrink, groups=lambda p: mult if split(p) else 1)
+                     store, groups=lambda p: mult if split(p) else 1)
 
 
 def _spec_axes(spec, dim: int = 0) -> tuple:
@@ -794,7 +722,7 @@ def prefill_calls(rows: Sequence[tuple[Sequence[int], int]], from_start: Sequenc
     return calls
 
 
-def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, mult: int, state: SlotState,
+def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, decode_packed: dict, state: SlotState,
                   rows, calls, from_start, p: int, t: int, start: int, n_store: int, pad: int,
                   length_multiple: int) -> list:
     """Every program of a sharded job as :func:`cna_jax.precompile.spread` entries, the slowest to compile
@@ -831,19 +759,8 @@ def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, mult
         (rest if from_store else full).append(fn.program(*args))
         staged = staged or fn.out_abstract(*args)  # every prefill stages the same shapes
     index = fns.put_rows(np.zeros((p,), np.int32), np.zeros((p,), np.int32))
-    # decode at every slot count the job may run (:func:`shrunk_slots`: S, and S/2, S/4 for its last rows)
-    groups = fns.groups(state.done.shape[0])
-    per = [state.done.shape[0] // groups]
-    while per[-1] % 2 == 0 and per[-1] // 2 >= shrink_least(per[0]):
-        per.append(per[-1] // 2)
-    fewer = lambda n: jax.tree.map(lambda x: jax.ShapeDtypeStruct((n * groups,) + x.shape[1:], x.dtype,
-                                                                  sharding=x.sharding) if x.ndim else x, state)
-    shrinks = []
-    for i, n in enumerate(per):
-        weights = packed.get("packed") if n * groups // mult <= PACKED_MAX_SLOTS else None
-        rest.insert(0, fns.decode.program(lm.params, fewer(n), table, eos, weights))
-        shrinks += [fns.shrink.program(fewer(m), n * groups) for m in per[:i]]
-    return first + full + rest + [fns.place.at(p).program(state, staged, *index)] + shrinks
+    rest.insert(0, fns.decode.program(lm.params, state, table, eos, decode_packed.get("packed")))
+    return first + full + rest + [fns.place.at(p).program(state, staged, *index)]
 
 
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,
@@ -910,7 +827,7 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
     pending = collections.deque(prefill_calls(rows, from_start, p))
     prefix_ids = jnp.asarray(prefix, jnp.int32) if q else None
     if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the job's programs
-        precompile.spread(_job_programs(fns, lm, prefix_ids, table, eos, packed, mult, state, rows, pending,
+        precompile.spread(_job_programs(fns, lm, prefix_ids, table, eos, packed, decode_packed, state, rows, pending,
                                         from_start, p, t, start, len(where), pad, length_multiple))
     prefix_kv = fns.prefix(lm.params, prefix_ids, table, **packed) if q else None
     store_kv = store_res = None
@@ -933,8 +850,6 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
         from tqdm.auto import tqdm
         bar = tqdm(total=len(rows), desc=desc, unit="row")
     g = fns.groups(p)
-    least = shrink_least(slots // fns.groups(slots))
-    even = fns.groups(slots) == fns.groups(0)  # the slots split into whole device groups (always on one device)
     while pending or ready or any(o >= 0 for o in occupant):
         free = [s for s, o in enumerate(occupant) if o < 0]
         while free and (ready or pending):
@@ -967,13 +882,6 @@ def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Cond
             src = np.array([j for j, _, _ in pairs] + [0] * (p - len(pairs)), np.int32)
             dst = np.array([s for _, s, _ in pairs] + [slots] * (p - len(pairs)), np.int32)  # slots = dropped
             state = fns.place(state, staged, *fns.put_rows(src, dst))
-        if not pending and not ready and even:  # the last running rows: fewer slots, cheaper steps
-            idx = shrunk_slots(occupant, fns.groups(slots), least)
-            if idx is not None:
-                state = fns.shrink(state, idx)
-                occupant = [occupant[i] for i in idx]
-                slots = len(idx)
-                decode_packed = packed if slots // mult <= PACKED_MAX_SLOTS else {}
         state = fns.decode(lm.params, state, table, eos, **decode_packed)
         done, step = lm.to_host(state.done), lm.to_host(state.step)
         ended = [s for s, o in enumerate(occupant) if o >= 0 and done[s]]

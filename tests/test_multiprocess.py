@@ -117,19 +117,14 @@ def _engine_driver(path: str, out: str) -> None:
     lm = LM(cfg, convert.load(path, shardings=lambda c: layout.params(c))[1], tokenizer=None, chat=False,
             layout=layout)
     prefix, rows, conds = engine_job(cfg)
-    shrunk, orig = [], engine.shrunk_slots
-    engine.shrunk_slots = lambda *a: shrunk.append(orig(*a)) or shrunk[-1]
-    tokens = engine.run(lm, rows, conds, max_new_tokens=12, slots=32, chunk=3, prefix=prefix, eos_ids=[7], pad_id=0,
+    tokens = engine.run(lm, rows, conds, max_new_tokens=12, slots=16, chunk=3, prefix=prefix, eos_ids=[7], pad_id=0,
                         length_multiple=4)
-    engine.shrunk_slots = orig
     kl = damage.kl_along(lm, [prefix + ids for ids, _ in rows], tokens, conds, batch_size=8)
-    fns = engine.sharded_functions(cfg, layout, lm.dtype, 32, 6 + 12 + 12, 12, 3)
-    jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(8), "place": fns.place.at(8),
-              "shrink": fns.shrink.sharded}
+    fns = engine.sharded_functions(cfg, layout, lm.dtype, 16, 6 + 12 + 12, 12, 3)
+    jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(4), "place": fns.place.at(4)}
     jitted.update(zip(("residuals", "logprobs", "kl"),
                       damage.sharded_kl_functions(cfg, layout, lm.dtype, damage.use_row_kernels(lm))))
     json.dump({"tokens": tokens, "kl": kl.tolist(), "stats": precompile.stats,
-               "shrunk": [len(x) for x in shrunk if x is not None],
                "jit_cache": {k: f.jitted._cache_size() for k, f in jitted.items()}},
               open(f"{out}.{jax.process_index()}", "w"))
 
@@ -219,8 +214,7 @@ def test_launcher_environment_and_timeout():
 
 def test_engine_programs_compile_once_over_processes(tmp_path):
     """A sharded engine job and the KL along its tokens over 2 processes x 4 devices: the programs (prefix,
-    store, prefills, place, decode at each slot count and the shrinks between them; the KL's residuals,
-    reference log-probabilities and KL per batch shape)
+    store, prefills, place, decode; the KL's residuals, reference log-probabilities and KL per batch shape)
     are compiled each by one process and loaded by the other (cna_jax.precompile), every call runs them (the
     jitted functions' own caches stay empty), and the tokens equal the same job on one device in this
     process, the KLs too up to float32 rounding."""
@@ -248,8 +242,7 @@ def test_engine_programs_compile_once_over_processes(tmp_path):
     for r in res:
         assert r["stats"]["compiled"] >= 2 and r["stats"]["loaded"] >= 2, r["stats"]
         assert r["stats"]["calls"] >= 10, r["stats"]
-        assert r["jit_cache"] == dict.fromkeys(["prefix", "decode", "prefill", "place", "shrink", "residuals",
-                                                "logprobs", "kl"], 0), r["jit_cache"]
-        assert r["shrunk"] == res[0]["shrunk"] and r["shrunk"] and r["shrunk"][0] <= 16, r["shrunk"]  # last rows
+        assert r["jit_cache"] == dict.fromkeys(["prefix", "decode", "prefill", "place", "residuals", "logprobs", "kl"],
+                                               0), r["jit_cache"]
     programs = [r["stats"]["compiled"] + r["stats"]["loaded"] for r in res]
     assert programs[0] == programs[1], programs
