@@ -34,8 +34,8 @@ inline void AccumulateValues(const float* p, const float* v, const int32_t* cols
   std::memcpy(out, acc, sizeof(acc));
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                           ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4 || mask.dimensions().size() != 2) {

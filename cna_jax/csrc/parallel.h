@@ -61,7 +61,8 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t parts, const F& 
     }
   };
   for (int64_t t = 1; t < parts; ++t) {
-    pool.Schedule(decltype(run)(run));  // a copy; a late task finds next >= parts: it claims nothing and never calls body
+    // A copy; a late task finds next >= parts: it claims nothing and never calls body.
+    pool.Schedule(decltype(run)(run));
   }
   run();
   std::unique_lock<std::mutex> lock(shared->mu);
