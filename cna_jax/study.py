@@ -482,9 +482,8 @@ class Study:
             out = [{"sweep": p["sweep"], "value": p["value"], "n_neurons": p["n_neurons"]} for p in new]
             for item, prompts, j, ps in items:
                 r = self._score(stage, lm, item, prompts, done, new[j]["n_neurons"])
-                out[j][ps] = {k: r[k] for k in ("rate", "n", "mean_quality", "flags")}
-                if ps == "harmful":
-                    out[j][ps]["mean_quality"] = None  # of generations cut once their flag settled: not a quality
+                # no harmful quality: those generations stop once their flag settled
+                out[j][ps] = {k: r[k] for k in ("rate", "n", "flags") + (("mean_quality",) if ps == "harmless" else ())}
             if kl is not None:  # one KL dict per new point, in the same order
                 for o, k in zip(out, kl, strict=True):
                     o.update(k)

@@ -132,8 +132,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F
       }
     }
   };
-  // Split where each part keeps ~1 MFLOP (a slot's full window as the estimate).
-  cna::ParallelFor(pool, b_n, cna::Parts(pool, b_n, 4.0 * k_n * g_n * s_n * d_n, 1e6), slot);
+  cna::ParallelFor(pool, b_n, 4.0 * k_n * g_n * s_n * d_n, slot);  // a slot's full window as its cost
   return ffi::Error::Success();
 }
 

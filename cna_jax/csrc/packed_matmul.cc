@@ -122,9 +122,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (m0 + r) * n_n + n0, tail + r * kCols, sizeof(float) * cols);
     }
   };
-  // A pool task costs a few microseconds: split only where each part keeps ~1 MFLOP (~10 us on one core).
-  const double tile_flops = 2.0 * m_n * k_n * kCols;
-  cna::ParallelFor(pool, tiles, cna::Parts(pool, tiles, tile_flops, 1e6), tile);
+  cna::ParallelFor(pool, tiles, 2.0 * m_n * k_n * kCols, tile);
   return ffi::Error::Success();
 }
 

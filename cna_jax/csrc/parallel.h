@@ -1,7 +1,7 @@
 // Work split over XLA:CPU's intra-op thread pool for the kernels (an FFI handler's Ctx<ffi::ThreadPool>).
 //
-// ParallelFor(pool, n, parts, body) runs body(i) for every i in [0, n), split into `parts` contiguous ranges
-// claimed from a shared counter: the calling thread claims ranges itself and `parts - 1` pool tasks claim
+// ParallelFor(pool, n, item_flops, body) runs body(i) for every i in [0, n), split into contiguous ranges
+// (parts) claimed from a shared counter: the calling thread claims ranges itself and parts - 1 pool tasks claim
 // the rest. The pool may run a task late, or never, or on the caller's own thread (XLA's contract), so the
 // caller takes every range nobody has claimed and then waits only for ranges already being run; a task that
 // starts after the call returned finds nothing left and touches nothing but the shared counter. Which thread
@@ -29,17 +29,16 @@ inline int64_t UsableCpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Ranges to split `work` units of `cost` each into: at most one per usable CPU and per pool thread, and
-// none smaller than `min_cost` (a pool task costs a few microseconds to start).
-inline int64_t Parts(xla::ffi::ThreadPool& pool, int64_t work, double cost, double min_cost) {
-  const int64_t threads = std::min<int64_t>(UsableCpus(), std::max<int64_t>(pool.num_threads(), 1));
-  const int64_t by_cost = static_cast<int64_t>(work * cost / min_cost);
-  return std::max<int64_t>(1, std::min({threads, work, by_cost}));
-}
+// Work per part at least: a pool task costs a few microseconds to start, ~1 MFLOP ~10 us on one core.
+constexpr double kMinPartFlops = 1e6;
 
+// ParallelFor over `n` items of about `item_flops` each: at most one part per usable CPU and per pool thread,
+// none below kMinPartFlops.
 template <class F>
-void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t parts, const F& body) {
-  parts = std::max<int64_t>(1, std::min(parts, n));
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, double item_flops, const F& body) {
+  const int64_t threads = std::min<int64_t>(UsableCpus(), std::max<int64_t>(pool.num_threads(), 1));
+  const int64_t by_work = static_cast<int64_t>(n * item_flops / kMinPartFlops);
+  const int64_t parts = std::max<int64_t>(1, std::min({threads, n, by_work}));
   if (parts == 1) {
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
