@@ -652,10 +652,11 @@ def prefill_rows(slots: int, length: int = 1) -> int:
 DECODE_CHUNK = 4
 
 # Prefill length buckets of a job (the study's): a long job pays each bucket's compile once, and its padding
-# on every row. In the study's generation job prefill is ~30% of the time (a 15-token suffix per row, most rows
-# through all 30 layers); its suffixes of 12-21 tokens fall in buckets 16 and 32 with 16-token steps (23.7
-# padded tokens per harmful row) and 16 and 24 with 8-token steps (19.8): as many compiled prefills, and a
-# one-core job of 960 such rows took 123.4 s against 129.7 s (prefill 33.6 against 39.5 s).
+# on every row. The study's prompt suffixes of 12-21 tokens fall in buckets 16 and 32 with 16-token steps (23.7
+# padded tokens per harmful row) and 16 and 24 with 8-token steps (19.8): as many compiled prefills, and less
+# work in every prefill and store pass. The study's harmful generation slice (1,400 rows, all prefilled from
+# layer 23; launch/bench_prefill.py --compare=length_multiple) took 113.5 s against 119.7 s; a one-core job with
+# 4 rows in 10 through all 30 layers 123.4 / 119.9 s against 129.7 / 130.4 s; the same tokens (BENCHMARKS.md).
 JOB_LENGTH_MULTIPLE = 8
 
 

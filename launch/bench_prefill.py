@@ -1,5 +1,9 @@
-"""P1 (no bar; on S1's path): the study's generation job with rows prefilled from the first layer their
-condition changes, against every row through every layer, in one process on the study's devices.
+"""P1 / P2 (no bars; on S1's path): the study's generation job, in one process on the study's devices.
+
+* ``--compare=first_layer`` (P1): rows prefilled from the first layer their condition changes, against every
+  row through every layer;
+* ``--compare=length_multiple`` (P2): prefill length buckets of ``engine.JOB_LENGTH_MULTIPLE`` tokens against
+  ``--old_length_multiple`` (both from the first changed layer).
 
 Workload: a slice of a finished study's generation job (``--workdir``, the README main command's): the
 held-out harmful prompts under none, the CNA set, the two graph subsets and the first ``--nulls`` layer-matched
@@ -7,7 +11,8 @@ and uniform null subsets (half each), the rows stopping once their refusal flag 
 (the others) are settled, as ``Study.stage_generation`` runs them. The engine runs on the study's CPU
 devices (``config.cpu_devices``: one per core) with its slots.
 
-Gate: identical tokens per row on both paths. Timing: one warm-up job per path (compiles apart), then
+Gate: identical tokens per row on both paths (P2: a row's prefill keys and values differ in their last bits
+at another padding). Timing: one warm-up job per path (compiles apart), then
 ``--repeats`` timed jobs per path, alternated, median.
 
     python launch/bench_prefill.py --workdir=workdir/study     # about 7 min on 2 cores
@@ -31,6 +36,10 @@ config_flags.DEFINE_config_file("config", "configs/smollm2_testbed.py", "The stu
 flags.DEFINE_string("workdir", "workdir/study", "A finished study's workdir (its cna, graph and activation stages).")
 flags.DEFINE_integer("nulls", 10, "Null subsets in the slice (half layer-matched, half uniform).")
 flags.DEFINE_integer("repeats", 1, "Timed jobs per path (median).")
+flags.DEFINE_enum("compare", "first_layer", ["first_layer", "length_multiple"],
+                  "first_layer (P1): from the first changed layer vs every layer; length_multiple (P2): "
+                  "engine.JOB_LENGTH_MULTIPLE vs --old_length_multiple")
+flags.DEFINE_integer("old_length_multiple", 16, "P2: the length buckets compared against (16 before 1fb037d).")
 
 
 def main(argv):
@@ -67,12 +76,21 @@ def main(argv):
     scored = settled_stop(c.generation.detector, lm.decode)
     flagged = settled_stop(c.generation.detector, lm.decode, quality=False)
 
-    def job(from_first_changed_layer, rows=rows):
+    # A path: (from the first changed layer?, length buckets); the new path first.
+    if F.compare == "first_layer":
+        paths = {"from first changed layer": (True, engine.JOB_LENGTH_MULTIPLE),
+                 "every layer": (False, engine.JOB_LENGTH_MULTIPLE)}
+    else:
+        paths = {f"{engine.JOB_LENGTH_MULTIPLE}-token buckets": (True, engine.JOB_LENGTH_MULTIPLE),
+                 f"{F.old_length_multiple}-token buckets": (True, F.old_length_multiple)}
+
+    def job(path, rows=rows):
+        from_first_changed_layer, length_multiple = paths[path]
         t = time.perf_counter()
         out = engine.run(lm, rows, conds, max_new_tokens=c.generation.max_new_tokens, slots=c.generation.batch_size,
                          prefix=np.asarray(prefix).tolist(), min_table_rows=len(conds),
                          stop=lambda r, tok: (flagged if rows[r][1] >= 4 else scored)(tok),
-                         from_first_changed_layer=from_first_changed_layer)
+                         from_first_changed_layer=from_first_changed_layer, length_multiple=length_multiple)
         return time.perf_counter() - t, out
 
     # The store's columns: the job's longest suffix in engine.run's length buckets (its default length_multiple).
@@ -86,19 +104,20 @@ def main(argv):
     # Warm-up rows: at least as many as the slots (engine.run shrinks a smaller job's slots, and its programs would
     # then not be the timed job's), spread over the prompts so that each length bucket compiles before the timing.
     warm = rows[:: max(1, len(rows) // (2 * c.generation.batch_size))]
-    for path in (True, False):
+    for path in paths:
         job(path, warm)
-    times = {True: [], False: []}
+    times = {path: [] for path in paths}
     outs = {}
     for _ in range(F.repeats):
-        for path in (True, False):
+        for path in paths:
             dt, outs[path] = job(path)
             times[path].append(dt)
-            print(f"  {'from first changed layer' if path else 'every layer':>24}: {dt:.1f} s")
-    same = sum(a == b for a, b in zip(outs[True], outs[False]))
-    new, old = statistics.median(times[True]), statistics.median(times[False])
-    print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[True]))}")
-    print(f"P1: {new:.1f} s vs {old:.1f} s every layer: {old / new:.2f}x "
+            print(f"  {path:>24}: {dt:.1f} s")
+    a, b = paths
+    same = sum(x == y for x, y in zip(outs[a], outs[b]))
+    new, old = statistics.median(times[a]), statistics.median(times[b])
+    print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[a]))}")
+    print(f"{'P1' if F.compare == 'first_layer' else 'P2'}: {new:.1f} s vs {old:.1f} s {b}: {old / new:.2f}x "
           f"(SGEMM {sgemm_gflops():.1f} GFLOP/s after)")
 
 
