@@ -36,8 +36,8 @@ per prompt: a store pass (:func:`store_fn`) computes each distinct prompt's keys
 residual entering s once, and those rows' prefill runs only layers s..L-1 from there.
 
 Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``),
-one prefill per length bucket the job's suffixes fall in (with the study's 16-token buckets: 2 for
-10-21-token suffixes), and with a store one store pass and one more prefill per bucket; all are cached
+one prefill per length bucket the job's suffixes fall in (with the study's 8-token buckets: 2 for
+its 12-21-token suffixes, 16 and 24), and with a store one store pass and one more prefill per bucket; all are cached
 across jobs with the same (S, T, Q, C bucket, max_new_tokens, s).
 ``run(..., min_table_rows=)`` gives jobs with different numbers of conditions one C bucket, so they share
 them (the study's generation and sweeps jobs).

@@ -55,6 +55,8 @@ def main(argv):
     from cna_jax.refusal import settled_stop
     from cna_jax.study import GRAPHS, Study, null_subsets
 
+    if F.compare == "length_multiple" and F.old_length_multiple == engine.JOB_LENGTH_MULTIPLE:
+        raise app.UsageError(f"--old_length_multiple={F.old_length_multiple} is engine.JOB_LENGTH_MULTIPLE already")
     gflops = sgemm_gflops()
     s = Study(c, F.workdir, progress=False)
     pool = s.stage_cna()
