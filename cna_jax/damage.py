@@ -21,38 +21,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from cna_jax import cpu_kernels, precompile
-from cna_jax.batching import padded_batches
+from cna_jax.batching import bucket, padded_batches
 from cna_jax.engine import Condition, put_host_table, sharded_table, stack_conditions, table_shardings
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
 from cna_jax.sharding import Layout, ShardedFunction
 
 
-# At most this many layers' residual streams are kept per batch (every g-th layer, g = ceil(L / 16)):
-# memory [16, B, T, E] instead of [L, B, T, E] (a 70B model, batch 8 x 2k tokens in bf16: 4.3 GB, not 21).
+# Every layer's residual stream is kept per batch when all L of them fit in RESIDUAL_BUDGET bytes per device
+# (SmolLM2, the study's batches: 62 MB), so each condition starts at its own first changed layer; else at most
+# RESIDUAL_GRID layers' (every g-th, g = ceil(L / 16)): memory [16, B, T, E] instead of [L, B, T, E] (a 70B
+# model, batch 8 x 2k tokens in bf16: 4.3 GB, not 21), a condition starting up to g - 1 layers early.
 RESIDUAL_GRID = 16
+RESIDUAL_BUDGET = 1 << 30
 
 
-def residual_grid(num_layers: int) -> int:
-    """g: the residual stream is kept at the inputs of layers 0, g, 2g, ... (:data:`RESIDUAL_GRID` at most)."""
-    return -(-num_layers // RESIDUAL_GRID)
+def residual_grid(num_layers: int, layer_bytes: int, budget: int = RESIDUAL_BUDGET) -> int:
+    """g: the residual stream is kept at the inputs of layers 0, g, 2g, ...: 1 when ``num_layers`` streams of
+    ``layer_bytes`` each (one layer's [B, T, E] on a device) fit in ``budget``, else ceil(L / RESIDUAL_GRID)."""
+    return 1 if num_layers * layer_bytes <= budget else -(-num_layers // RESIDUAL_GRID)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def residuals_fn(params, tokens, valid, *, cfg: ModelConfig, dtype):
-    """The unmodified model's residual stream entering layers 0, g, 2g, ... ``[K, B, T, E]``.
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "grid"))
+def residuals_fn(params, tokens, valid, *, cfg: ModelConfig, dtype, grid: int):
+    """The unmodified model's residual stream entering layers 0, g, 2g, ... ``[K, B, T, E]`` (g = ``grid``).
     tokens, valid: [B, T] left-padded."""
-    g = residual_grid(cfg.num_hidden_layers)
+    g = grid
     out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
                                     return_logits=False, return_residuals=True,
                                     residual_layers=tuple(range(0, cfg.num_hidden_layers, g)))
     return out.residuals
 
 
-def _logits(params, residuals, start, valid, select, table, cond, cfg, dtype):
+def _logits(params, residuals, start, valid, select, table, cond, cfg, dtype, g):
     """logits ``[B, N, V]`` float32 at ``select`` [B, N], running layers ``g * start ..`` from
     ``residuals[start]``."""
-    g = residual_grid(cfg.num_hidden_layers)
     x = jax.lax.dynamic_index_in_dim(residuals, start, keepdims=False)
     out = Decoder(cfg, dtype).apply({"params": params}, None, padding_positions(valid), causal_mask(valid),
                                     select=select, intervention=Intervention(*table, cond), start=start * g,
@@ -69,25 +72,25 @@ def _per_device(fn, layout: Layout | None, *xs):
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=(spec,) * len(xs), out_specs=spec, check_vma=False)(*xs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "kernel", "layout"))
-def logprobs_fn(params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype,
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "grid", "kernel", "layout"))
+def logprobs_fn(params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype, grid: int,
                 kernel: bool = False, layout: Layout | None = None):
     """log-softmax ``[B, N, V]`` float32 at positions ``select`` [B, N]; row b under condition cond[b],
     every layer from ``g * start`` run on :func:`residuals_fn`'s ``residuals[start]`` (start: an int32
     scalar, traced: one program serves every start). valid: [B, T] left-padded. kernel: the log-softmax
     through :func:`cna_jax.cpu_kernels.row_log_softmax` (per device of ``layout``'s mesh, when given)."""
-    logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype)
+    logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype, grid)
     if kernel:
         return _per_device(cpu_kernels.row_log_softmax, layout, logits)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "kernel", "layout"))
-def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype,
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "grid", "kernel", "layout"))
+def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype, grid: int,
           kernel: bool = False, layout: Layout | None = None):
     """``KL(ref || cond)`` ``[B, N]`` per position; ref_logp: [B, N, V] (the unmodified model's, from
     :func:`logprobs_fn` with the same ``kernel``). kernel: through :func:`cna_jax.cpu_kernels.row_kl`."""
-    logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype)
+    logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype, grid)
     if kernel:
         return _per_device(cpu_kernels.row_kl, layout, logits, ref_logp)
     logq = jax.nn.log_softmax(logits, axis=-1)
@@ -95,14 +98,15 @@ def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_kl_functions(cfg: ModelConfig, layout: Layout, dtype, kernel: bool) -> tuple[ShardedFunction, ...]:
+def sharded_kl_functions(cfg: ModelConfig, layout: Layout, dtype, kernel: bool, grid: int
+                         ) -> tuple[ShardedFunction, ...]:
     """:func:`residuals_fn`, :func:`logprobs_fn` and :func:`kl_fn` on a mesh with explicit shardings: rows
     split over the batch axes, everything else replicated (the condition table as the engine places it).
     Explicit shardings let a multi-process run compile them ahead from shapes alone (:mod:`cna_jax.precompile`)."""
     rows = lambda ndim: layout.batch(ndim)
     rep, params = layout.replicated(), layout.params(cfg, dtype)
     residuals = layout.sharding((None, "batch", None, None))  # [K, B, T, E]
-    stat = dict(cfg=cfg, dtype=dtype)
+    stat = dict(cfg=cfg, dtype=dtype, grid=grid)
     rows_stat = dict(stat, kernel=kernel, layout=layout if kernel else None)
     tail = (rep, rows(2), rows(2), table_shardings(layout), rows(1))  # start, valid, select, table, cond
     return (ShardedFunction(residuals_fn.__wrapped__, layout, (params, rows(2), rows(2)), residuals, stat),
@@ -120,20 +124,21 @@ def use_row_kernels(lm) -> bool:
 
 def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
              conditions: Sequence[Condition], *, max_positions: int | None = None, batch_size: int = 8,
-             progress: bool = False, desc: str = "KL") -> np.ndarray:
+             progress: bool = False, desc: str = "KL", residual_budget: int = RESIDUAL_BUDGET) -> np.ndarray:
     """Per-position KL of every condition against the unmodified model along given continuations.
 
     prompt_ids: the prompts' token ids (as generation saw them, chat template included);
     continuations: the unmodified model's greedy tokens for each prompt (at least one each);
-    max_positions: score at most this many positions per prompt (default: all).
+    max_positions: score at most this many positions per prompt (default: all);
+    residual_budget: bytes per device for the kept residual streams of a batch (:func:`residual_grid`).
     Returns ``[C, P, N]`` float64 (N = the longest scored continuation), NaN beyond each prompt's
     scored length. A neutral condition gives exactly 0 (same logits, same reduction order).
 
-    Per batch, one pass of the unmodified model keeps its residual stream at every g-th layer input
-    (:func:`residual_grid`); each condition then runs only from the kept layer at or below the first layer it
-    changes (``Condition.first_layer``; below it the stream is the unmodified model's, exactly). The testbed's
-    CNA set (SmolLM2, layers 23-29) then runs from layer 22: 8 of 30 layers plus the head (BENCHMARKS.md,
-    K1). The reference distribution runs the same program from the last kept layer.
+    Per batch, one pass of the unmodified model keeps its residual stream at every layer input, or every
+    g-th where that would not fit (:func:`residual_grid`); each condition then runs only from the kept layer
+    at or below the first layer it changes (``Condition.first_layer``; below it the stream is the unmodified
+    model's, exactly). The testbed's CNA set (SmolLM2, from layer 23) then runs 7 of 30 layers plus the head
+    (BENCHMARKS.md, K1). The reference distribution runs the same program from the last kept layer.
     """
 
     if len(prompt_ids) != len(continuations):
@@ -152,19 +157,23 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     put = (lambda t: sharded_table(lm.layout, t)) if lm.layout is not None else put_host_table
     tables = [put(stack_conditions(lm.cfg, [cond, Condition()], steering=True)) for cond in conditions]
     n_layers = lm.cfg.num_hidden_layers
-    g = residual_grid(n_layers)
+    seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
+    multiple = lm.batch_multiple()
+    rows = -(-min(batch_size, len(seqs)) // multiple) * multiple  # padded_batches' rows, then per device
+    layer_bytes = (rows // multiple * bucket(max(map(len, seqs))) * lm.cfg.hidden_size
+                   * jnp.dtype(lm.dtype).itemsize)  # one layer's stream of the longest batch on a device
+    g = residual_grid(n_layers, layer_bytes, residual_budget)
     last = (n_layers - 1) // g  # the reference's start: the last kept layer
     starts = [min(cond.first_layer(n_layers) // g, last) for cond in conditions]
-    seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     out = np.full((len(conditions), len(seqs), n), np.nan)
     pad = lm.pad_id() if lm.tokenizer is not None else 0
     kernel = use_row_kernels(lm)
-    stat = dict(cfg=lm.cfg, dtype=lm.dtype)
+    stat = dict(cfg=lm.cfg, dtype=lm.dtype, grid=g)
     rows_stat = dict(stat, kernel=kernel, layout=lm.layout if kernel else None)
     if lm.layout is not None:
         rep = lambda c, b: lm.global_batch(np.full((b,), c, np.int32))[0]
         scalar = lambda v: jax.make_array_from_callback((), lm.layout.replicated(), lambda idx: np.int32(v))
-        sharded = sharded_kl_functions(lm.cfg, lm.layout, lm.dtype, kernel)
+        sharded = sharded_kl_functions(lm.cfg, lm.layout, lm.dtype, kernel, g)
         run_residuals, run_logprobs, run_kl = sharded
     else:
         rep = lambda c, b: jnp.full((b,), c, jnp.int32)
@@ -184,7 +193,7 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
         return (lens, *(out if lm.layout is None else lm.global_batch(*out)))
 
     batches = lambda progress: padded_batches(seqs, batch_size, pad, progress=progress, desc=desc,
-                                              multiple=lm.batch_multiple())
+                                              multiple=multiple)
     if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the batch shapes
         slow, fast, seen = [], [], set()  # per batch shape: log-probabilities and KL (~8 s each), residuals (~2 s)
         for batch in batches(False):

@@ -1,6 +1,6 @@
 """K1: the damage stage's KL passes (``cna_jax.damage.kl_along``) on SmolLM2-135M-Instruct (fp32, one core).
 
-Ours: the public ``kl_along`` -- one unmodified pass per batch keeps the residual stream at every 2nd layer
+Ours: the public ``kl_along`` -- one unmodified pass per batch keeps the residual stream at every layer
 input, then each condition runs only from the kept layer at or below the first layer it changes; on CPU the
 log-softmax and KL over the vocabulary run in ``cna_jax.cpu_kernels``' row kernels.
 Anchor (measured in the same run, through the same jitted functions): every condition and the reference
@@ -71,7 +71,7 @@ def main(argv):
     # The whole-model path through the same jitted functions: start 0 from the embeddings for every call.
     tables = [engine.put_host_table(engine.stack_conditions(cfg, [c, engine.Condition()], steering=True))
               for c in conds]
-    stat = dict(cfg=cfg, dtype=lm.dtype, kernel=False)  # XLA's log-softmax and KL
+    stat = dict(cfg=cfg, dtype=lm.dtype, grid=1, kernel=False)  # XLA's log-softmax and KL; from layer 0
 
     def anchor():
         seqs = [list(p) + c for p, c in zip(ids, conts)]

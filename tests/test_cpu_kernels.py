@@ -286,7 +286,7 @@ def test_kl_along_through_the_row_kernels_one_device_and_a_mesh(tiny, monkeypatc
         np.zeros((4, 3, cfg.vocab_size), np.float32), sharded, jnp.zeros((2, 4, 5, cfg.hidden_size), jnp.float32),
         jnp.int32(0), np.ones((4, 5), bool), np.zeros((4, 3), np.int32),
         engine.put_host_table(engine.stack_conditions(cfg, [engine.Condition(), engine.Condition()], steering=True)),
-        jnp.zeros((4,), jnp.int32), cfg=cfg, dtype=jnp.float32, kernel=True, layout=layout).compile().as_text()
+        jnp.zeros((4,), jnp.int32), cfg=cfg, dtype=jnp.float32, grid=1, kernel=True, layout=layout).compile().as_text()
     calls = [line for line in text.splitlines() if cpu_kernels.ROW_KL in line and "custom_call_target" in line]
     assert calls and all(f"f32[1,3,{cfg.vocab_size}]" in line for line in calls), calls[:1]
     monkeypatch.setenv(cpu_kernels.ENV, "0")

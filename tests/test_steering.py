@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from cna_jax import convert, data, direction, engine
+from cna_jax import convert, damage, data, direction, engine
 from cna_jax.batching import bucket, left_pad, split_shared_prefix
 from cna_jax.lm import LM
 from cna_jax.models.llama import Decoder, Intervention, causal_mask, padding_positions
@@ -349,15 +349,15 @@ def _hf_kl(hf, cond, ids, conts):
     return out
 
 
-def test_kl_from_first_changed_layer_matches_hf_hooks(tmp_path):
-    """kl_along runs each condition only from the kept residual at or below the first layer it changes
-    (a 20-layer model keeps every 2nd layer's input): conditions starting at layers 19, 13, 7 and 0
-    (neurons, activation addition, ablation) and the neutral one match HF hooks run on the whole model."""
-    from cna_jax import damage
-
+@pytest.mark.parametrize("budget", [damage.RESIDUAL_BUDGET, 0])
+def test_kl_from_first_changed_layer_matches_hf_hooks(tmp_path, budget):
+    """kl_along runs each condition only from the kept residual at or below the first layer it changes (a
+    20-layer model keeps every layer's input, or every 2nd one's when they do not fit the budget):
+    conditions starting at layers 19, 13, 7 and 0 (neurons, activation addition, ablation) and the neutral
+    one match HF hooks run on the whole model."""
     path, hf = save_tiny(tmp_path, "llama", num_hidden_layers=20)
     cfg, params = convert.load(path)
-    assert damage.residual_grid(cfg.num_hidden_layers) == 2
+    assert damage.residual_grid(cfg.num_hidden_layers, 1, budget) == (1 if budget else 2)
     lm = LM(cfg, params, tokenizer=None, chat=False)
     rng = np.random.default_rng(3)
     ids = [rng.integers(3, cfg.vocab_size, k).tolist() for k in (6, 4, 8)]
@@ -371,7 +371,7 @@ def test_kl_from_first_changed_layer_matches_hf_hooks(tmp_path):
                   engine.Condition(middle), engine.Condition(direction=r, ablate=True, add={13: 0.0}),
                   engine.Condition(direction=r)]
     assert [c.first_layer(20) for c in conditions] == [19, 13, 7, 0, 20]
-    kl = damage.kl_along(lm, ids, conts, conditions, batch_size=2)
+    kl = damage.kl_along(lm, ids, conts, conditions, batch_size=2, residual_budget=budget)
     for c, cond in enumerate(conditions):
         want = _hf_kl(hf, cond, ids, conts)
         for p, w in enumerate(want):
@@ -385,8 +385,6 @@ def test_tiny_qwen2_kl_damage_matches_hf_hooks(tmp_path):
     """KL_first / KL_seq (docs/METHOD.md §4) of a neuron multiplier, a directional ablation and an
     activation addition against HF forward hooks, along the unmodified model's greedy continuations of
     different lengths, in padded batches (2 of 3 prompts + a filler row)."""
-    from cna_jax import damage
-
     path, hf = save_tiny(tmp_path, "qwen2")
     cfg, params = convert.load(path)
     lm = LM(cfg, params, tokenizer=None, chat=False)
