@@ -123,7 +123,8 @@ def _engine_driver(path: str, out: str) -> None:
     fns = engine.sharded_functions(cfg, layout, lm.dtype, 16, 6 + 12 + 12, 12, 3)
     jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(4), "place": fns.place.at(4)}
     jitted.update(zip(("residuals", "logprobs", "kl"),
-                      damage.sharded_kl_functions(cfg, layout, lm.dtype, damage.use_row_kernels(lm))))
+                      damage.sharded_kl_functions(cfg, layout, lm.dtype, damage.use_row_kernels(lm),
+                                                  1)))  # grid 1: a tiny model's streams fit the budget
     json.dump({"tokens": tokens, "kl": kl.tolist(), "stats": precompile.stats,
                "jit_cache": {k: f.jitted._cache_size() for k, f in jitted.items()}},
               open(f"{out}.{jax.process_index()}", "w"))
@@ -192,17 +193,26 @@ def test_launcher_environment_and_timeout():
     """Each process gets its id, the coordinator on one shared port, its CPU device count and no
     simulated-device flag; output is prefixed per process; past --timeout everything is killed (124)."""
     show = ("import os; print(*(os.environ.get(k) for k in ('JAX_PROCESS_ID', 'JAX_NUM_PROCESSES', "
-            "'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_CPU_DEVICES', 'JAX_CPU_COLLECTIVES_IMPLEMENTATION', 'XLA_FLAGS')))")
+            "'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_CPU_DEVICES', 'JAX_CPU_COLLECTIVES_IMPLEMENTATION', "
+            "'GLIBC_TUNABLES', 'XLA_FLAGS')))")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false"}
+    env.pop("GLIBC_TUNABLES", None)
     cmd = [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=3", "--", sys.executable, "-c", show]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     lines = sorted(line.split() for line in run.stdout.splitlines())
     assert [x[0] for x in lines] == ["[p0]", "[p1]"]
-    (_, id0, n0, addr0, dev0, coll0, flags0), (_, id1, n1, addr1, dev1, coll1, flags1) = lines
+    (_, id0, n0, addr0, dev0, coll0, malloc0, flags0), (_, id1, n1, addr1, dev1, coll1, malloc1, flags1) = lines
     assert (id0, id1, n0, n1, dev0, dev1, coll0, coll1) == ("0", "1", "2", "2", "3", "3", "gloo", "gloo")
     assert addr0 == addr1 and addr0.startswith("127.0.0.1:")
+    assert malloc0 == malloc1 == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                  "glibc.malloc.trim_threshold=68719476736")
     assert flags0 == flags1 == "--xla_cpu_enable_fast_math=false"
+    # A GLIBC_TUNABLES of the caller's own is passed on as it is.
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                         env={**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert run.returncode == 0, run.stderr
+    assert {line.split()[6] for line in run.stdout.splitlines()} == {"glibc.malloc.arena_max=2"}
 
     t = time.time()
     cmd = [sys.executable, LAUNCHER, "--num_processes=2", "--timeout=2", "--", sys.executable, "-c",
