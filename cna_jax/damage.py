@@ -46,10 +46,9 @@ def residual_grid(num_layers: int, layer_bytes: int, budget: int = RESIDUAL_BUDG
 def residuals_fn(params, tokens, valid, *, cfg: ModelConfig, dtype, grid: int):
     """The unmodified model's residual stream entering layers 0, g, 2g, ... ``[K, B, T, E]`` (g = ``grid``).
     tokens, valid: [B, T] left-padded."""
-    g = grid
     out = Decoder(cfg, dtype).apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
                                     return_logits=False, return_residuals=True,
-                                    residual_layers=tuple(range(0, cfg.num_hidden_layers, g)))
+                                    residual_layers=tuple(range(0, cfg.num_hidden_layers, grid)))
     return out.residuals
 
 
@@ -159,8 +158,8 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     n_layers = lm.cfg.num_hidden_layers
     seqs = [list(p) + c for p, c in zip(prompt_ids, cont)]
     multiple = lm.batch_multiple()
-    rows = -(-min(batch_size, len(seqs)) // multiple) * multiple  # padded_batches' rows, then per device
-    layer_bytes = (rows // multiple * bucket(max(map(len, seqs))) * lm.cfg.hidden_size
+    batch_rows = -(-min(batch_size, len(seqs)) // multiple) * multiple  # padded_batches' rows
+    layer_bytes = (batch_rows // multiple * bucket(max(map(len, seqs))) * lm.cfg.hidden_size
                    * jnp.dtype(lm.dtype).itemsize)  # one layer's stream of the longest batch on a device
     g = residual_grid(n_layers, layer_bytes, residual_budget)
     last = (n_layers - 1) // g  # the reference's start: the last kept layer

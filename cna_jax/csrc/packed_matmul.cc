@@ -119,7 +119,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     const float* bp = b + p * k_n * kPanel;
     const int64_t cols = n_n - n0 < kCols ? n_n - n0 : kCols;
     if (cols == kCols) {  // whole row blocks, kDepth rows of the panel at a time over all of them
-      for (int64_t k0 = 0; k0 < k_n; k0 += kDepth) {
+      for (int64_t k0 = 0; k0 == 0 || k0 < k_n; k0 += kDepth) {  // K = 0 still writes the zeros
         const int64_t depth = k_n - k0 < kDepth ? k_n - k0 : kDepth;
         for (int64_t m0 = 0; m0 < full_rows; m0 += kRows) {
           Tile(a + m0 * k_n + k0, k_n, bp + k0 * kPanel + c0, depth, c + m0 * n_n + n0, n_n, k0 > 0);
