@@ -48,14 +48,15 @@ def load_tokenizer(source: str):
 def _gguf_tokenizer(path: str):
     """The tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, without torch.
 
-    transformers' own GGUF metadata reader imports torch, so the metadata is read here with the ``gguf``
-    package; the tokenizer itself is built by transformers' GGUF tokenizer converter, as that call does
+    transformers' own GGUF metadata reader imports torch, so the metadata is read here
+    (:mod:`cna_jax.gguf_file`); the tokenizer itself is built by transformers' GGUF tokenizer converter, as that
+    call does
     (same vocabulary, merges, special tokens and chat template; tests/test_load.py compares the two)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     reader = convert.gguf_reader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    meta = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")}
     groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     vocab, kwargs = groups["tokenizer"], groups["tokenizer_config"]
@@ -65,7 +66,7 @@ def _gguf_tokenizer(path: str):
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         index = meta.get(f"tokenizer.ggml.{key}")
         kwargs[name] = vocab["tokens"][index] if index is not None else None
-    backend, extra = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), vocab)
+    backend, extra = convert_gguf_tokenizer(reader.metadata["general.architecture"], vocab)
     return TokenizersBackend(tokenizer_object=backend, **kwargs, **extra)
 
 

@@ -20,8 +20,8 @@ LAYERS = [
      "refusal", "precompile"],
     # 1: meshes, logical-axis rules, layouts, shardings, the sharded-jit wrapper
     ["sharding"],
-    # 2: checkpoints in and out
-    ["convert", "checkpoint", "export", "store"],
+    # 2: checkpoints in and out (gguf_file: a GGUF file's metadata and tensors)
+    ["gguf_file", "convert", "checkpoint", "export", "store"],
     # 3: token batching, and a loaded model (config, params, tokenizer, layout)
     ["batching", "lm"],
     # 4: the generation engine (continuous batching, per-row interventions)

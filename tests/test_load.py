@@ -260,20 +260,17 @@ def test_study_loads_through_the_cache(tiny, tmp_path):
 
 
 def test_weights_and_tokenizer_of_a_gguf_file_share_one_reader(monkeypatch):
-    """LM.load of a GGUF file reads its metadata once (one gguf.GGUFReader for the tokenizer and the weights:
-    parsing SmolLM2's 49k-token vocabulary takes seconds per reader)."""
-    import gguf
-
+    """LM.load of a GGUF file reads its metadata once (one GGUFFile for the tokenizer and the weights)."""
     from cna_jax import convert
 
     made = []
 
-    class Counting(gguf.GGUFReader):
+    class Counting(convert.GGUFFile):
         def __init__(self, *args, **kwargs):
             made.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setattr(convert, "GGUFFile", Counting)
     convert._gguf_reader.cache_clear()
     path = smollm2_gguf_path()
     tok = load_tokenizer(path)
@@ -281,3 +278,69 @@ def test_weights_and_tokenizer_of_a_gguf_file_share_one_reader(monkeypatch):
     assert made == [os.path.abspath(path)]
     assert ckpt.shape("model.embed_tokens.weight") == (len(tok), cfg.hidden_size) == (49152, 576)
     convert._gguf_reader.cache_clear()  # later tests get readers of the real class
+
+
+def _same_as_gguf_reader(path):
+    """Every metadata value and tensor of GGUFFile equals the ``gguf`` package's GGUFReader's (which flattens
+    nested arrays)."""
+    import gguf
+
+    from cna_jax.gguf_file import GGUFFile
+
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    assert list(ours.metadata) == [k for k in ref.fields if not k.startswith("GGUF.")]  # GGUF.*: the header
+    for key, value in ours.metadata.items():
+        want = ref.fields[key].contents()
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            value = [v for part in value for v in part]
+        assert value == want and type(value) is type(want), key
+    assert len(ours.tensors) == len(ref.tensors)
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.name, a.tensor_type, a.shape) == (b.name, b.tensor_type, tuple(int(d) for d in b.shape))
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+    return ours
+
+
+def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
+    """SmolLM2's file (Q8_0, Q4_1 and F32 tensors, 49k tokens, 48k merges) and a written file with every value
+    type, nested arrays and F16 / F32 / Q8_0 / BF16 tensors at an unusual alignment; a file that is not GGUF
+    fails with its path."""
+    import gguf
+    from gguf.quants import quantize
+
+    from cna_jax.gguf_file import GGUFFile
+
+    smol = _same_as_gguf_reader(smollm2_gguf_path())
+    assert len(smol.metadata["tokenizer.ggml.tokens"]) == 49152
+    path = str(tmp_path / "all.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_custom_alignment(64)
+    for i, (kind, value) in enumerate([("uint8", 7), ("int8", -7), ("uint16", 700), ("int16", -700),
+                                       ("uint32", 70000), ("int32", -70000), ("float32", 0.1), ("bool", True),
+                                       ("uint64", 2 ** 40), ("int64", -(2 ** 40)), ("float64", 0.1),
+                                       ("string", "héllo")]):
+        getattr(w, f"add_{kind}")(f"test.{i}.{kind}", value)
+    w.add_array("test.ints", [1, -2, 3])
+    w.add_array("test.floats", [0.5, -1.25])
+    w.add_array("test.strings", ["a", "", "ünï"])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_array("test.empty", [])
+    rng = np.random.default_rng(0)
+    for name, kind in [("f32", None), ("f16", gguf.GGMLQuantizationType.F16),
+                       ("q8", gguf.GGMLQuantizationType.Q8_0), ("bf16", gguf.GGMLQuantizationType.BF16)]:
+        x = rng.normal(size=(3, 64)).astype(np.float32)
+        if kind is None:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, quantize(x, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = _same_as_gguf_reader(path)
+    assert ours.metadata["test.strings"] == ["a", "", "ünï"] and ours.metadata["test.nested"] == [[1, 2], [3]]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="bad.gguf: not a GGUF file"):
+        GGUFFile(str(bad))
