@@ -13,7 +13,7 @@ memory; XLA:CPU repacks each weight per call, which at 32 rows costs about as mu
 weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.packed_weights``
 and ``engine.PACKED_MAX_SLOTS`` say when the engine uses it).
 
-Row log-softmax and KL: the damage stage (``cna_jax.damage``) scores every condition at ~600 positions per
+Row KL: the damage stage (``cna_jax.damage``) scores every condition at ~600 positions per
 device and batch, each a 49k-entry distribution. XLA:CPU runs its row reductions over fused elementwise work
 at ~3 ns per entry: ~380 ms per condition and batch on one core, 40% of a condition that starts in the last
 layers. ``csrc/row_kl.cc`` runs each row's passes in 8-lane vectors while the row is in cache (~40 ms).
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "cna_decode_attention"
 PACKED_MATMUL = "cna_packed_matmul"
-ROW_LOG_SOFTMAX = "cna_row_log_softmax"
 ROW_KL = "cna_row_kl"
 FUSION_BARRIER = "cna_fusion_barrier"
 PANEL = 48  # columns per packed weight panel (kPanel in csrc/packed_matmul.cc)
@@ -118,7 +117,7 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
 # name (csrc/<name>.cc) -> ((handler symbol, FFI target) per handler, whether it is built for the widest vectors)
 _KERNELS = {"decode_attention": ((("CnaDecodeAttention", DECODE_ATTENTION),), False),
             "packed_matmul": ((("CnaPackedMatmul", PACKED_MATMUL),), True),
-            "row_kl": ((("CnaRowLogSoftmax", ROW_LOG_SOFTMAX), ("CnaRowKl", ROW_KL)), False),
+            "row_kl": ((("CnaRowKl", ROW_KL),), False),
             "fusion_barrier": ((("CnaFusionBarrier", FUSION_BARRIER),), False)}
 
 
@@ -155,7 +154,7 @@ def matmul_enabled() -> bool:
 
 
 def row_kl_enabled() -> bool:
-    """Whether the damage stage's log-softmax and KL kernels are on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
+    """Whether the damage stage's KL kernel is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
     return os.environ.get(ENV, "1") != "0" and _load("row_kl")
 
 
@@ -200,18 +199,11 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
     return call(x.reshape(rows, k).astype(jnp.float32), w_packed).reshape(*lead, n)
 
 
-def row_log_softmax(z: jax.Array) -> jax.Array:
-    """log softmax over the last axis of z [..., V] (float32; one device's array)."""
-    call = jax.ffi.ffi_call(ROW_LOG_SOFTMAX, jax.ShapeDtypeStruct(z.shape, jnp.float32))
-    return call(z.astype(jnp.float32))
-
-
-def row_kl(z: jax.Array, ref_logp: jax.Array) -> jax.Array:
-    """KL(p || q) over the last axis, natural log: p = exp(ref_logp) (a :func:`row_log_softmax` output),
-    q = softmax(z). z, ref_logp: [..., V] -> [...] float32 (one device's arrays). Where z equals the logits
-    ref_logp came from, exactly 0."""
+def row_kl(z: jax.Array, ref: jax.Array) -> jax.Array:
+    """KL(p || q) over the last axis, natural log: p = softmax(ref), q = softmax(z). z, ref: [..., V] logits
+    -> [...] float32 (one device's arrays). Where z equals ref, exactly 0."""
     call = jax.ffi.ffi_call(ROW_KL, jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32))
-    return call(z.astype(jnp.float32), ref_logp.astype(jnp.float32))
+    return call(z.astype(jnp.float32), ref.astype(jnp.float32))
 
 
 def fusion_barrier(x: jax.Array) -> jax.Array:

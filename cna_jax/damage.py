@@ -72,49 +72,41 @@ def _per_device(fn, layout: Layout | None, *xs):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "grid", "kernel", "layout"))
-def logprobs_fn(params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype, grid: int,
-                kernel: bool = False, layout: Layout | None = None):
-    """log-softmax ``[B, N, V]`` float32 at positions ``select`` [B, N]; row b under condition cond[b],
-    every layer from ``g * start`` run on :func:`residuals_fn`'s ``residuals[start]`` (start: an int32
-    scalar, traced: one program serves every start). valid: [B, T] left-padded. kernel: the log-softmax
-    through :func:`cna_jax.cpu_kernels.row_log_softmax` (per device of ``layout``'s mesh, when given)."""
-    logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype, grid)
-    if kernel:
-        return _per_device(cpu_kernels.row_log_softmax, layout, logits)
-    return jax.nn.log_softmax(logits, axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "grid", "kernel", "layout"))
-def kl_fn(ref_logp, params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype, grid: int,
+def kl_fn(ref, params, residuals, start, valid, select, table, cond, *, cfg: ModelConfig, dtype, grid: int,
           kernel: bool = False, layout: Layout | None = None):
-    """``KL(ref || cond)`` ``[B, N]`` per position; ref_logp: [B, N, V] (the unmodified model's, from
-    :func:`logprobs_fn` with the same ``kernel``). kernel: through :func:`cna_jax.cpu_kernels.row_kl`."""
+    """``(KL(ref || this) [B, N], this [B, N, V])``: the next-token distribution at positions ``select`` [B, N],
+    row b under condition cond[b], every layer from ``g * start`` run on :func:`residuals_fn`'s
+    ``residuals[start]`` (start: an int32 scalar, traced: one program serves every start); valid: [B, T]
+    left-padded. A distribution is float32 logits with ``kernel`` (the KL through
+    :func:`cna_jax.cpu_kernels.row_kl`, per device of ``layout``'s mesh when given), else log-probabilities
+    (XLA's log-softmax, once per call). ref: the unmodified model's distribution from this program; its own
+    call (the reference pass) takes any array of that shape and ignores the KL. One program serves both
+    passes: each costs ~7 s of compile per batch shape."""
     logits = _logits(params, residuals, start, valid, select, table, cond, cfg, dtype, grid)
     if kernel:
-        return _per_device(cpu_kernels.row_kl, layout, logits, ref_logp)
+        return _per_device(cpu_kernels.row_kl, layout, logits, ref), logits
     logq = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logq), axis=-1)
+    return jnp.sum(jnp.exp(ref) * (ref - logq), axis=-1), logq
 
 
 @functools.lru_cache(maxsize=16)
 def sharded_kl_functions(cfg: ModelConfig, layout: Layout, dtype, kernel: bool, grid: int
-                         ) -> tuple[ShardedFunction, ...]:
-    """:func:`residuals_fn`, :func:`logprobs_fn` and :func:`kl_fn` on a mesh with explicit shardings: rows
-    split over the batch axes, everything else replicated (the condition table as the engine places it).
-    Explicit shardings let a multi-process run compile them ahead from shapes alone (:mod:`cna_jax.precompile`)."""
+                         ) -> tuple[ShardedFunction, ShardedFunction]:
+    """:func:`residuals_fn` and :func:`kl_fn` on a mesh with explicit shardings: rows split over the batch
+    axes, everything else replicated (the condition table as the engine places it). Explicit shardings let a
+    multi-process run compile them ahead from shapes alone (:mod:`cna_jax.precompile`)."""
     rows = lambda ndim: layout.batch(ndim)
     rep, params = layout.replicated(), layout.params(cfg, dtype)
     residuals = layout.sharding((None, "batch", None, None))  # [K, B, T, E]
     stat = dict(cfg=cfg, dtype=dtype, grid=grid)
-    rows_stat = dict(stat, kernel=kernel, layout=layout if kernel else None)
     tail = (rep, rows(2), rows(2), table_shardings(layout), rows(1))  # start, valid, select, table, cond
     return (ShardedFunction(residuals_fn.__wrapped__, layout, (params, rows(2), rows(2)), residuals, stat),
-            ShardedFunction(logprobs_fn.__wrapped__, layout, (params, residuals, *tail), rows(3), rows_stat),
-            ShardedFunction(kl_fn.__wrapped__, layout, (rows(3), params, residuals, *tail), rows(2), rows_stat))
+            ShardedFunction(kl_fn.__wrapped__, layout, (rows(3), params, residuals, *tail), (rows(2), rows(3)),
+                            dict(stat, kernel=kernel, layout=layout if kernel else None)))
 
 
 def use_row_kernels(lm) -> bool:
-    """Whether :func:`kl_along` runs its log-softmax and KL through the CPU kernels (on CPU, when built;
+    """Whether :func:`kl_along` runs its KL through the CPU kernel (on CPU, when built;
     XLA's ops elsewhere): the KL of 600 positions (4 rows x 150) over a 49k vocabulary takes ~40 ms instead
     of ~380 ms on one core."""
     platform = jax.default_backend() if lm.layout is None else lm.layout.mesh.devices.flat[0].platform
@@ -137,7 +129,7 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     g-th where that would not fit (:func:`residual_grid`); each condition then runs only from the kept layer
     at or below the first layer it changes (``Condition.first_layer``; below it the stream is the unmodified
     model's, exactly). The testbed's CNA set (SmolLM2, from layer 23) then runs 7 of 30 layers plus the head
-    (BENCHMARKS.md, K1). The reference distribution runs the same program from the last kept layer.
+    (BENCHMARKS.md, K1). The reference logits come from the same program run from the last kept layer.
     """
 
     if len(prompt_ids) != len(continuations):
@@ -173,12 +165,17 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
         rep = lambda c, b: lm.global_batch(np.full((b,), c, np.int32))[0]
         scalar = lambda v: jax.make_array_from_callback((), lm.layout.replicated(), lambda idx: np.int32(v))
         sharded = sharded_kl_functions(lm.cfg, lm.layout, lm.dtype, kernel, g)
-        run_residuals, run_logprobs, run_kl = sharded
+        run_residuals, run_kl = sharded
+        zeros = lambda shape: jax.make_array_from_callback(  # each process makes its own rows
+            shape, lm.layout.batch(len(shape)), lambda idx: np.zeros(
+                [len(range(*i.indices(d))) for i, d in zip(idx, shape)], np.float32))
     else:
         rep = lambda c, b: jnp.full((b,), c, jnp.int32)
         scalar = jnp.int32
         run_residuals = functools.partial(residuals_fn, **stat)
-        run_logprobs, run_kl = functools.partial(logprobs_fn, **rows_stat), functools.partial(kl_fn, **rows_stat)
+        run_kl = functools.partial(kl_fn, **rows_stat)
+        zeros = lambda shape: jnp.zeros(shape, jnp.float32)
+    placeholder = {}  # the reference pass's ref (its KL is not used), one batch shape at a time
 
     def arrays(rows, tokens, valid):  # -> (rows' scored lengths, tokens, valid, select) of one batch
         b, t = tokens.shape
@@ -194,27 +191,29 @@ def kl_along(lm, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Se
     batches = lambda progress: padded_batches(seqs, batch_size, pad, progress=progress, desc=desc,
                                               multiple=multiple)
     if lm.layout is not None and jax.process_count() > 1:  # each process compiles a share of the batch shapes
-        slow, fast, seen = [], [], set()  # per batch shape: log-probabilities and KL (~8 s each), residuals (~2 s)
+        slow, fast, seen = [], [], set()  # per batch shape: logits and KL (~7 s), residuals (~2 s)
         for batch in batches(False):
             if batch[1].shape not in seen:
                 seen.add(batch[1].shape)
                 _, tokens_, valid_, select_ = arrays(*batch)
-                b = tokens_.shape[0]
+                b, m = select_.shape
                 res = sharded[0].out_abstract(lm.params, tokens_, valid_)
-                tail = (valid_, select_, tables[0], rep(0, b))
-                ref = sharded[1].out_abstract(lm.params, res, scalar(last), *tail)
-                slow += [sharded[1].program(lm.params, res, scalar(last), *tail),
-                         sharded[2].program(ref, lm.params, res, scalar(last), *tail)]
+                ref = jax.ShapeDtypeStruct((b, m, lm.cfg.vocab_size), jnp.float32)
+                slow.append(sharded[1].program(ref, lm.params, res, scalar(last), valid_, select_, tables[0],
+                                               rep(0, b)))
                 fast.append(sharded[0].program(lm.params, tokens_, valid_))
         precompile.spread(slow + fast)
     for rows, tokens, valid in batches(progress):
         lens, tokens_, valid_, select_ = arrays(rows, tokens, valid)
         b = tokens.shape[0]
         residuals = run_residuals(lm.params, tokens_, valid_)
-        ref = run_logprobs(lm.params, residuals, scalar(last), valid_, select_, tables[0], rep(1, b))
+        shape = (b, select_.shape[1], lm.cfg.vocab_size)
+        if shape not in placeholder:
+            placeholder = {shape: zeros(shape)}
+        _, ref = run_kl(placeholder[shape], lm.params, residuals, scalar(last), valid_, select_, tables[0], rep(1, b))
         for c in range(len(conditions)):
-            kl = lm.to_host(run_kl(ref, lm.params, residuals, scalar(starts[c]), valid_, select_, tables[c],
-                                   rep(0, b)))
+            kl, _ = run_kl(ref, lm.params, residuals, scalar(starts[c]), valid_, select_, tables[c], rep(0, b))
+            kl = lm.to_host(kl)
             for i, r in enumerate(rows):
                 out[c, r, :lens[i]] = kl[i, :lens[i]]
     return out

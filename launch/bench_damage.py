@@ -72,6 +72,9 @@ def main(argv):
     tables = [engine.put_host_table(engine.stack_conditions(cfg, [c, engine.Condition()], steering=True))
               for c in conds]
     stat = dict(cfg=cfg, dtype=lm.dtype, grid=1, kernel=False)  # XLA's log-softmax and KL; from layer 0
+    # The reference's log-probabilities alone (XLA drops the unused KL): a program of its own, as a whole-model
+    # path would have.
+    ref_fn = jax.jit(lambda *a: damage.kl_fn.__wrapped__(jnp.zeros((*a[4].shape, cfg.vocab_size)), *a, **stat)[1])
 
     def anchor():
         seqs = [list(p) + c for p, c in zip(ids, conts)]
@@ -81,11 +84,11 @@ def main(argv):
             select = (t - 1 - F.tokens + np.arange(F.tokens))[None].repeat(b, 0).astype(np.int32)
             emb = jnp.take(lm.params["embed_tokens"]["embedding"], jnp.asarray(tokens), axis=0)[None]
             zero = jnp.int32(0)
-            ref = damage.logprobs_fn(lm.params, emb, zero, valid, select, tables[0], jnp.ones((b,), jnp.int32),
-                                     **stat)
+            ref = ref_fn(lm.params, emb, zero, valid, select, tables[0], jnp.ones((b,), jnp.int32))
             for c in range(len(conds)):
-                kl = np.asarray(damage.kl_fn(ref, lm.params, emb, zero, valid, select, tables[c],
-                                             jnp.zeros((b,), jnp.int32), **stat))
+                kl, _ = damage.kl_fn(ref, lm.params, emb, zero, valid, select, tables[c], jnp.zeros((b,), jnp.int32),
+                                     **stat)
+                kl = np.asarray(kl)
                 out[c, rows] = kl[:len(rows)]
         return out
 

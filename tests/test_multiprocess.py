@@ -122,7 +122,7 @@ def _engine_driver(path: str, out: str) -> None:
     kl = damage.kl_along(lm, [prefix + ids for ids, _ in rows], tokens, conds, batch_size=8)
     fns = engine.sharded_functions(cfg, layout, lm.dtype, 16, 6 + 12 + 12, 12, 3)
     jitted = {"prefix": fns.prefix, "decode": fns.decode, "prefill": fns.prefill.at(4), "place": fns.place.at(4)}
-    jitted.update(zip(("residuals", "logprobs", "kl"),
+    jitted.update(zip(("residuals", "kl"),
                       damage.sharded_kl_functions(cfg, layout, lm.dtype, damage.use_row_kernels(lm),
                                                   1)))  # grid 1: a tiny model's streams fit the budget
     json.dump({"tokens": tokens, "kl": kl.tolist(), "stats": precompile.stats,
@@ -252,7 +252,7 @@ def test_engine_programs_compile_once_over_processes(tmp_path):
     for r in res:
         assert r["stats"]["compiled"] >= 2 and r["stats"]["loaded"] >= 2, r["stats"]
         assert r["stats"]["calls"] >= 10, r["stats"]
-        assert r["jit_cache"] == dict.fromkeys(["prefix", "decode", "prefill", "place", "residuals", "logprobs", "kl"],
+        assert r["jit_cache"] == dict.fromkeys(["prefix", "decode", "prefill", "place", "residuals", "kl"],
                                                0), r["jit_cache"]
     programs = [r["stats"]["compiled"] + r["stats"]["loaded"] for r in res]
     assert programs[0] == programs[1], programs

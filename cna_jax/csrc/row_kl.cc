@@ -1,16 +1,16 @@
-// Log-softmax and KL divergence over the vocabulary, one row (one scored position) at a time, for the
-// damage stage (cna_jax/damage.py). XLA FFI handlers (cna_jax/cpu_kernels.py builds and registers them).
+// KL divergence between two rows of logits over the vocabulary, one row (one scored position) at a time, for
+// the damage stage (cna_jax/damage.py). XLA FFI handler (cna_jax/cpu_kernels.py builds and registers it).
 //
 // XLA:CPU runs a log-softmax over [rows, 49152] and the KL's multiply-reduce at ~3 ns per element (its
 // row reductions of fused elementwise work are not vectorised); here each row's passes (max, sum of exp,
 // the KL sum) run in 8-lane vectors while the row is in cache.
 //
-// Both kernels compute log q = (z - max) - log(sum exp(z - max)) with the same code, so a condition whose
-// logits equal the reference's gives log q == log p bit for bit and a KL of exactly 0. Sums run in a
-// fixed order (8 lanes in blocks, then the lanes pairwise), so one build gives the same bits on every machine.
+// Both distributions' log-probabilities are (z - max) - log(sum exp(z - max)) from the same code, so a
+// condition whose logits equal the reference's gives log q == log p bit for bit and a KL of exactly 0. Sums
+// run in a fixed order (8 lanes in blocks, then the lanes pairwise), so one build gives the same bits on every
+// machine.
 //
-//   CnaRowLogSoftmax: z [R, V] float32 -> log softmax [R, V]
-//   CnaRowKl:         z [R, V], ref_logp [R, V] float32 -> KL(exp(ref_logp) || softmax(z)) [R]
+//   CnaRowKl: z [R, V], ref [R, V] float32 logits -> KL(softmax(ref) || softmax(z)) [R]
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -82,52 +82,38 @@ ffi::Error Shapes(const ffi::Buffer<ffi::F32>& z, int64_t* rows, int64_t* n) {
   return ffi::Error::Success();
 }
 
-ffi::Error RowLogSoftmax(ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t rows, n;
-  if (auto e = Shapes(z, &rows, &n); e.failure()) return e;
-  const float* zp = z.typed_data();
-  float* op = out->typed_data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* zr = zp + r * n;
-    float* o = op + r * n;
-    float m, ls;
-    RowLogSumExp(zr, n, &m, &ls);
-    for (int64_t j = 0; j < n; ++j) o[j] = (zr[j] - m) - ls;
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Error RowKl(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> ref, ffi::ResultBuffer<ffi::F32> out) {
   int64_t rows, n;
   if (auto e = Shapes(z, &rows, &n); e.failure()) return e;
   if (ref.element_count() != z.element_count()) {
-    return ffi::Error::InvalidArgument("row_kl: z and ref_logp must have the same shape");
+    return ffi::Error::InvalidArgument("row_kl: z and ref must have the same shape");
   }
   const float* zp = z.typed_data();
   const float* rp = ref.typed_data();
   float* op = out->typed_data();
   for (int64_t r = 0; r < rows; ++r) {
     const float* zr = zp + r * n;
-    const float* lp = rp + r * n;
-    float m, ls;
+    const float* rr = rp + r * n;
+    float m, ls, mr, lsr;
     RowLogSumExp(zr, n, &m, &ls);
-    // The sum of p * (log p - log q), log q computed as RowLogSoftmax writes it (two subtractions: the same
-    // bits in a vector lane as in scalar code).
+    RowLogSumExp(rr, n, &mr, &lsr);
+    // The sum of p * (log p - log q), each log-probability as two subtractions (the same bits in a vector lane
+    // as in scalar code, so equal rows give equal log-probabilities and a KL of exactly 0).
     op[r] = RowSum(
         n,
         [&](int64_t j) {
-          const Vec a = Load(lp + j);
+          const Vec a = (Load(rr + j) - mr) - lsr;
           return Exp(a) * (a - ((Load(zr + j) - m) - ls));
         },
-        [&](int64_t j) { return Exp1(lp[j]) * (lp[j] - ((zr[j] - m) - ls)); });
+        [&](int64_t j) {
+          const float a = (rr[j] - mr) - lsr;
+          return Exp1(a) * (a - ((zr[j] - m) - ls));
+        });
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaRowLogSoftmax, RowLogSoftmax,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnaRowKl, RowKl,
                               ffi::Ffi::Bind()
