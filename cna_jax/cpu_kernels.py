@@ -18,10 +18,6 @@ device and batch, each a 49k-entry distribution. XLA:CPU runs its row reductions
 at ~3 ns per entry: ~380 ms per condition and batch on one core, 40% of a condition that starts in the last
 layers. ``csrc/row_kl.cc`` runs each row's passes in 8-lane vectors while the row is in cache (~40 ms).
 
-Fusion barrier: an identity XLA cannot fuse across (``csrc/fusion_barrier.cc``). The fine-tune's backward
-pass (``models.llama.swiglu``) passes the gate's gradient through it, so XLA:CPU computes that gradient once
-and then transposes it for the weight gradient instead of recomputing it inside the transpose's strided loop.
-
 Threads: where the process may use more than one CPU (its affinity mask; a study process pinned to one
 core may not), the packed matmul splits its column tiles and decode attention its slots over XLA's intra-op
 thread pool (``csrc/parallel.h``); a tile or slot is computed whole by one thread, so the bits do not depend
@@ -59,7 +55,6 @@ log = logging.getLogger(__name__)
 DECODE_ATTENTION = "cna_decode_attention"
 PACKED_MATMUL = "cna_packed_matmul"
 ROW_KL = "cna_row_kl"
-FUSION_BARRIER = "cna_fusion_barrier"
 PANEL = 48  # columns per packed weight panel (kPanel in csrc/packed_matmul.cc)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _COMMON_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno", "-fopenmp-simd", "-w")
@@ -117,8 +112,7 @@ def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
 # name (csrc/<name>.cc) -> ((handler symbol, FFI target) per handler, whether it is built for the widest vectors)
 _KERNELS = {"decode_attention": ((("CnaDecodeAttention", DECODE_ATTENTION),), False),
             "packed_matmul": ((("CnaPackedMatmul", PACKED_MATMUL),), True),
-            "row_kl": ((("CnaRowKl", ROW_KL),), False),
-            "fusion_barrier": ((("CnaFusionBarrier", FUSION_BARRIER),), False)}
+            "row_kl": ((("CnaRowKl", ROW_KL),), False)}
 
 
 def _build_and_register(name: str) -> bool:
@@ -156,11 +150,6 @@ def matmul_enabled() -> bool:
 def row_kl_enabled() -> bool:
     """Whether the damage stage's KL kernel is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
     return os.environ.get(ENV, "1") != "0" and _load("row_kl")
-
-
-def fusion_barrier_enabled() -> bool:
-    """Whether :func:`fusion_barrier` is on (``CNA_JAX_CPU_KERNELS`` not "0") and built."""
-    return os.environ.get(ENV, "1") != "0" and _load("fusion_barrier")
 
 
 def register_all() -> None:
@@ -205,9 +194,3 @@ def row_kl(z: jax.Array, ref: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(ROW_KL, jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32))
     return call(z.astype(jnp.float32), ref.astype(jnp.float32))
 
-
-def fusion_barrier(x: jax.Array) -> jax.Array:
-    """x, unchanged, through a custom call XLA cannot fuse across (one device's array; its buffer is reused
-    where XLA can): an elementwise value used by a transposing consumer is then computed once, in its own
-    layout, and transposed afterwards, not recomputed inside the transpose's strided loop."""
-    return jax.ffi.ffi_call(FUSION_BARRIER, jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0})(x)

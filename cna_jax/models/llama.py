@@ -299,33 +299,6 @@ class Attention(nn.Module):
         return out, cache
 
 
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up`` (matching shapes, [..., I]); its gradient is JAX's own, the same operations in the
-    same order (the same bits), except that on CPU the gate's gradient passes a fusion barrier
-    (:func:`cna_jax.cpu_kernels.fusion_barrier`) before the weight gradient's transpose: fused into it, XLA:CPU
-    recomputed the gradient from four [T, I] inputs read at a stride of I floats, 20 ms per layer of the
-    testbed's fine-tune step (3.9 s) instead of ~1."""
-    return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-    sig = jax.nn.sigmoid(gate)
-    return gate * sig * up, (gate, up, sig)
-
-
-def _swiglu_bwd(res, ct):
-    gate, up, sig = res
-    d_silu = ct * up
-    d_gate = d_silu * sig + (gate * d_silu) * (sig * (1 - sig))  # the jvp of x * logistic(x), transposed
-    if jax.default_backend() == "cpu" and cpu_kernels.fusion_barrier_enabled():
-        d_gate = cpu_kernels.fusion_barrier(d_gate)
-    return d_gate, ct * (gate * sig)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 class MLP(nn.Module):
     """SwiGLU MLP; the neuron multiplier scales ``silu(gate_proj(x)) * up_proj(x)``."""
 
@@ -345,7 +318,7 @@ class MLP(nn.Module):
                             kernel_init=_param_init(_dense_init, axes))
 
         i = self.cfg.intermediate_size
-        hidden = swiglu(dense("gate_proj", i, ("embed", "mlp"))(x), dense("up_proj", i, ("embed", "mlp"))(x))
+        hidden = nn.silu(dense("gate_proj", i, ("embed", "mlp"))(x)) * dense("up_proj", i, ("embed", "mlp"))(x)
         if neuron_mult is not None:
             mult = neuron_mult if neuron_mult.ndim == 1 else neuron_mult[:, None, :]
             hidden = hidden * mult.astype(hidden.dtype)
