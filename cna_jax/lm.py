@@ -49,9 +49,9 @@ def _gguf_tokenizer(path: str):
     """The tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, without torch.
 
     transformers' own GGUF metadata reader imports torch, so the metadata is read here
-    (:mod:`cna_jax.gguf_file`); the tokenizer itself is built by transformers' GGUF tokenizer converter, as that
-    call does
-    (same vocabulary, merges, special tokens and chat template; tests/test_load.py compares the two)."""
+    (:mod:`cna_jax.gguf_file`); the tokenizer itself is built by transformers' GGUF tokenizer converter, as
+    that call does (same vocabulary, merges, special tokens and chat template; tests/test_load.py compares the
+    two)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
