@@ -1,9 +1,9 @@
 """A GGUF file's metadata and tensors, read directly (format: llama.cpp's ``docs/gguf.md``, versions 2 and 3).
 
-``gguf.GGUFReader`` builds a NumPy view per value: SmolLM2's 49k tokens and 48k merges take it 5-6 s per
-file, paid on every build of the testbed. Here each string array is read in one pass over the file's
-bytes (~0.2 s); tensors are the same memory-mapped arrays the ``gguf`` package's ``dequantize`` takes
-(tests/test_load.py compares every value and tensor with ``GGUFReader``'s).
+``gguf.GGUFReader`` builds a NumPy view per value: SmolLM2's 49k tokens and 48k merges take it 4-6 s per
+file, paid on every build of the testbed and every load of the base model. Here each string array is read
+in one pass over the file's bytes (~0.2 s); tensors are the same memory-mapped arrays the ``gguf`` package's
+``dequantize`` takes (tests/test_load.py compares every value and tensor with ``GGUFReader``'s).
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ class GGUFFile:
             name = self._string()
             dims = struct.unpack_from(f"<{self._unpack('I')}Q", self._buf, self._pos)
             self._pos += 8 * len(dims)
+            if any(name == info[0] for info in infos):
+                raise ValueError(f"{path}: duplicate tensor {name!r}")
             infos.append((name, dims, self._unpack("I"), self._unpack("Q")))
         align = int(self.metadata.get("general.alignment", 32))
         if align <= 0 or align & (align - 1):

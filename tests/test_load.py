@@ -306,6 +306,8 @@ def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
     """SmolLM2's file (Q8_0, Q4_1 and F32 tensors, 49k tokens, 48k merges) and a written file with every value
     type, nested arrays and F16 / F32 / Q8_0 / BF16 tensors at an unusual alignment; a file that is not GGUF
     fails with its path."""
+    import struct
+
     import gguf
     from gguf.quants import quantize
 
@@ -344,3 +346,12 @@ def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
     bad.write_bytes(b"GGML" + bytes(60))
     with pytest.raises(ValueError, match="bad.gguf: not a GGUF file"):
         GGUFFile(str(bad))
+    raw = open(path, "rb").read()  # the tensor named "f16" renamed "f32" (same length): a duplicate name
+    name = struct.pack("<Q", 3) + b"f16"  # the name as the header stores it: its length, then its bytes
+    assert raw.count(name) == 1
+    dup = tmp_path / "dup.gguf"
+    dup.write_bytes(raw.replace(name, struct.pack("<Q", 3) + b"f32"))
+    with pytest.raises(ValueError, match="duplicate tensor 'f32'"):
+        GGUFFile(str(dup))
+    with pytest.raises(ValueError, match="f32"):  # as gguf.GGUFReader did
+        gguf.GGUFReader(str(dup))
