@@ -123,11 +123,12 @@ def select_direction_layer(lm, directions: np.ndarray, harmful_heldout: Sequence
         if not harmful_heldout:
             raise ValueError("select_direction_layer needs held-out harmful prompts (got none)")
         ids = lm.encode(list(harmful_heldout))
+    byte_level = decode is None and lm.byte_level_decode  # a caller's own decode: the generic settled text
     decode = lm.decode if decode is None else decode
     prefix, suffixes, _ = split_shared_prefix(ids)
     conditions = [engine.Condition(direction=directions[l], ablate=True) for l in layers]
     rows = [(list(s), c) for c in range(len(layers)) for s in suffixes]
-    settled = settled_stop(detector, decode, quality=False) if stop_when_scored else None
+    settled = settled_stop(detector, decode, quality=False, byte_level=byte_level) if stop_when_scored else None
     out = engine.run(lm, rows, conditions, max_new_tokens=max_new_tokens, slots=slots, eos_ids=eos_ids,
                      pad_id=pad_id, prefix=None if prefix is None else np.asarray(prefix).tolist(),
                      stop=None if settled is None else lambda r, tokens: settled(tokens),

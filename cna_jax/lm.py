@@ -45,6 +45,17 @@ def load_tokenizer(source: str):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
+def is_byte_level(tokenizer) -> bool:
+    """True when ``tokenizer.decode`` only joins the tokens' bytes and reads them as UTF-8 (see
+    :attr:`LM.byte_level_decode`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return False
+    from tokenizers import decoders
+
+    return type(backend.decoder) is decoders.ByteLevel
+
+
 def _gguf_tokenizer(path: str):
     """The tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, without torch.
 
@@ -198,6 +209,14 @@ class LM:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def byte_level_decode(self) -> bool:
+        """Whether :meth:`decode` is the UTF-8 reading of the ids' concatenated token bytes and nothing more
+        (a ``tokenizers`` ByteLevel decoder, no clean-up of spaces): then the decode of a prefix, less an
+        incomplete last character, starts the decode of every longer sequence
+        (``cna_jax.refusal.settled_text``). False for anything else (SentencePiece decoders, clean-up on)."""
+        return is_byte_level(self.tokenizer)
 
     def describe(self) -> dict:
         return {"name": self.name, "chat": self.chat, "dtype": str(jnp.dtype(self.dtype)),

@@ -277,9 +277,16 @@ SETTLE_TOKENS = 2
 SETTLE_CHARS = 8
 
 
-def settled_text(decode: Callable[[list[int]], str], tokens: Sequence[int]) -> str:
-    """The part of the decoded ``tokens`` that the decoded text of any longer generation starts with:
-    ``decode(tokens[:-2])`` less its last 8 characters ("" for short prefixes)."""
+def settled_text(decode: Callable[[list[int]], str], tokens: Sequence[int], byte_level: bool = False) -> str:
+    """The part of the decoded ``tokens`` that the decoded text of any longer generation starts with.
+
+    Any tokenizer: ``decode(tokens[:-2])`` less its last 8 characters ("" for short prefixes).
+    byte_level: ``decode`` is the UTF-8 reading (errors replaced) of the tokens' concatenated bytes with no
+    clean-up (:attr:`cna_jax.lm.LM.byte_level_decode`: SmolLM2, Qwen2). UTF-8 is prefix-free, so more bytes
+    change only an incomplete last character (read as U+FFFD): the settled text is the whole decode less
+    its trailing U+FFFD. On the study's null rows this stops a refusal ~4.8 tokens sooner (of ~18)."""
+    if byte_level:
+        return decode(list(tokens)).rstrip("\ufffd")
     if len(tokens) <= SETTLE_TOKENS:
         return ""
     return decode(list(tokens[:-SETTLE_TOKENS]))[:-SETTLE_CHARS]
@@ -310,12 +317,13 @@ def settled_rule(spec: str, quality: bool = True) -> Optional[Callable[[str], bo
     return None
 
 
-def settled_stop(spec: str, decode: Callable[[list[int]], str], quality: bool = True
+def settled_stop(spec: str, decode: Callable[[list[int]], str], quality: bool = True, byte_level: bool = False
                  ) -> Optional[Callable[[Sequence[int]], bool]]:
     """``tokens -> bool``: :func:`settled_rule` applied to :func:`settled_text` of the tokens (never to the
-    raw decoded text, whose tail may still change), or None when the scorer gives no guarantee."""
+    raw decoded text, whose tail may still change), or None when the scorer gives no guarantee.
+    byte_level: as for :func:`settled_text`."""
     rule = settled_rule(spec, quality)
-    return None if rule is None else lambda tokens: rule(settled_text(decode, tokens))
+    return None if rule is None else lambda tokens: rule(settled_text(decode, tokens, byte_level))
 
 
 # --- report ---------------------------------------------------------------------------------

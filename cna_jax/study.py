@@ -278,8 +278,9 @@ class Study:
         in ``full``, which run to EOS or ``max_new_tokens``. table_rows: the engine's ``min_table_rows``
         (jobs passing the same value share compiled programs)."""
         g = self.c.generation
-        scored = settled_stop(g.detector, lm.decode) if g.stop_when_scored else None
-        flagged = settled_stop(g.detector, lm.decode, quality=False) if g.stop_when_scored else None
+        byte_level = lm.byte_level_decode
+        scored = settled_stop(g.detector, lm.decode, byte_level=byte_level) if g.stop_when_scored else None
+        flagged = settled_stop(g.detector, lm.decode, False, byte_level) if g.stop_when_scored else None
         done = stage.read_rows("rows.jsonl")  # {(item, i): tokens} of an interrupted run
         ids = {}
         for _, prompts, _ in items:

@@ -75,8 +75,8 @@ def main(argv):
     ids = lm.encode(s.prompts.eval_harmful)
     prefix, suffixes, _ = split_shared_prefix(ids)
     rows = [(list(x), k) for k in range(len(conds)) for x in suffixes]
-    scored = settled_stop(c.generation.detector, lm.decode)
-    flagged = settled_stop(c.generation.detector, lm.decode, quality=False)
+    scored = settled_stop(c.generation.detector, lm.decode, byte_level=lm.byte_level_decode)
+    flagged = settled_stop(c.generation.detector, lm.decode, False, lm.byte_level_decode)
 
     # A path: (from the first changed layer?, length buckets); the new path first.
     if F.compare == "first_layer":

@@ -381,28 +381,56 @@ def test_settled_rule_only_for_scorers_that_read_a_prefix():
     assert refusal.settled_rule("custom_scorer:has_letter_e") is None
 
 
-def test_settled_text_is_a_prefix_of_every_longer_decode():
+@pytest.mark.parametrize("byte_level", [False, True], ids=["any-tokenizer", "byte-level"])
+def test_settled_text_is_a_prefix_of_every_longer_decode(byte_level):
     """SmolLM2's byte-level tokenizer: characters split over several tokens (emoji, CJK) decode to
     U+FFFD pieces until complete, and clean-up rules touch token boundaries; the held-back tail covers
-    both, so the settled text of any prefix of the ids starts every longer decode."""
+    both (any tokenizer), and without clean-up only an incomplete last character can change
+    (``byte_level``), so the settled text of any prefix of the ids starts every longer decode."""
     import numpy as np
 
-    from cna_jax.lm import load_tokenizer
+    from cna_jax.lm import is_byte_level, load_tokenizer
 
     tok = load_tokenizer("smollm2")
+    assert is_byte_level(tok)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
     texts = ["I can't do that , sorry . Don't ask ; it isn't fine !", "🙂🙃 漢字かな ✓ Ünïcödé — “quotes” …",
              "x^2 + y^2 = z^2 \\frac{a}{b} $$ 12.50 $5", *EARLY_STOP_TEXTS[:2]]
     rng = np.random.default_rng(0)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     seqs += [rng.integers(0, len(tok), 60).tolist() for _ in range(20)]  # random ids, byte tokens included
+    # Tokens that are pieces of a character (decoded alone: U+FFFD), mixed with whole words and specials.
+    pieces = [i for i in range(len(tok)) if "\ufffd" in decode([i])]
+    assert len(pieces) > 50
+    words = tok(" I'm sorry, but 漢 🙂 no.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    seqs += [rng.choice(pieces + words * 20, 60).tolist() for _ in range(10)]
     checked = 0
     for ids in seqs:
         full = decode(ids)
         for k in range(len(ids) + 1):
-            s = refusal.settled_text(decode, ids[:k])
-            for longer in (ids, ids[:k + 1], ids[:k + 3]):
-                assert decode(longer).startswith(s), (ids[:k], s)
+            s = refusal.settled_text(decode, ids[:k], byte_level)
+            for longer in range(k, len(ids) + 1):
+                assert decode(ids[:longer]).startswith(s), (ids[:k], s)
             checked += bool(s)
-        assert full.startswith(refusal.settled_text(decode, ids))
-    assert checked > 300
+        assert full.startswith(refusal.settled_text(decode, ids, byte_level))
+        if byte_level:  # nothing held back but an incomplete character
+            assert refusal.settled_text(decode, ids, True) == full.rstrip("\ufffd")
+    assert checked > 1000
+
+
+def test_byte_level_decode_only_without_clean_up_and_for_byte_level_decoders():
+    import copy
+
+    from tokenizers import decoders
+
+    from cna_jax.lm import is_byte_level, load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    assert is_byte_level(tok)
+    cleaned = copy.deepcopy(tok)
+    cleaned.clean_up_tokenization_spaces = True  # " ." -> "." may rewrite a settled tail
+    assert not is_byte_level(cleaned)
+    other = copy.deepcopy(tok)
+    other.backend_tokenizer.decoder = decoders.Metaspace()
+    assert not is_byte_level(other)
+    assert not is_byte_level(object())
