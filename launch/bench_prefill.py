@@ -1,9 +1,12 @@
-"""P1 / P2 (no bars; on S1's path): the study's generation job, in one process on the study's devices.
+"""P1 / P2 / P3 (no bars; on S1's path): the study's generation job, in one process on the study's devices.
 
 * ``--compare=first_layer`` (P1): rows prefilled from the first layer their condition changes, against every
   row through every layer;
 * ``--compare=length_multiple`` (P2): prefill length buckets of ``engine.JOB_LENGTH_MULTIPLE`` tokens against
-  ``--old_length_multiple`` (both from the first changed layer).
+  ``--old_length_multiple`` (both from the first changed layer);
+* ``--compare=settle`` (P3): rows stopping on a byte-level tokenizer's settled text (the whole decode less
+  an incomplete last character, ``LM.byte_level_decode``) against any tokenizer's (less 2 tokens and 8
+  characters).
 
 Workload: a slice of a finished study's generation job (``--workdir``, the README main command's): the
 held-out harmful prompts under none, the CNA set, the two graph subsets and the first ``--nulls`` layer-matched
@@ -12,8 +15,8 @@ and uniform null subsets (half each), the rows stopping once their refusal flag 
 devices (``config.cpu_devices``: one per core) with its slots.
 
 Gate: identical tokens per row on both paths (P2: a row's prefill keys and values differ in their last bits
-at another padding). Timing: one warm-up job per path (compiles apart), then
-``--repeats`` timed jobs per path, alternated, median.
+at another padding); P3: each row's tokens a prefix of the other path's, every refusal flag the same.
+Timing: one warm-up job per path (compiles apart), then ``--repeats`` timed jobs per path, alternated, median.
 
     python launch/bench_prefill.py --workdir=workdir/study     # about 7 min on 2 cores
 
@@ -36,9 +39,10 @@ config_flags.DEFINE_config_file("config", "configs/smollm2_testbed.py", "The stu
 flags.DEFINE_string("workdir", "workdir/study", "A finished study's workdir (its cna, graph and activation stages).")
 flags.DEFINE_integer("nulls", 10, "Null subsets in the slice (half layer-matched, half uniform).")
 flags.DEFINE_integer("repeats", 1, "Timed jobs per path (median).")
-flags.DEFINE_enum("compare", "first_layer", ["first_layer", "length_multiple"],
+flags.DEFINE_enum("compare", "first_layer", ["first_layer", "length_multiple", "settle"],
                   "first_layer (P1): from the first changed layer vs every layer; length_multiple (P2): "
-                  "engine.JOB_LENGTH_MULTIPLE vs --old_length_multiple")
+                  "engine.JOB_LENGTH_MULTIPLE vs --old_length_multiple; settle (P3): the byte-level settled "
+                  "text vs any tokenizer's")
 flags.DEFINE_integer("old_length_multiple", 16, "P2: the length buckets compared against (16 before 1fb037d).")
 
 
@@ -52,7 +56,7 @@ def main(argv):
 
     from cna_jax import engine, graph as graph_lib
     from cna_jax.batching import bucket, split_shared_prefix
-    from cna_jax.refusal import settled_stop
+    from cna_jax.refusal import refusal_report, settled_stop
     from cna_jax.study import GRAPHS, Study, null_subsets
 
     if F.compare == "length_multiple" and F.old_length_multiple == engine.JOB_LENGTH_MULTIPLE:
@@ -75,19 +79,27 @@ def main(argv):
     ids = lm.encode(s.prompts.eval_harmful)
     prefix, suffixes, _ = split_shared_prefix(ids)
     rows = [(list(x), k) for k in range(len(conds)) for x in suffixes]
-    scored = settled_stop(c.generation.detector, lm.decode, byte_level=lm.byte_level_decode)
-    flagged = settled_stop(c.generation.detector, lm.decode, False, lm.byte_level_decode)
+    if F.compare == "settle" and not lm.byte_level_decode:
+        raise app.UsageError("--compare=settle needs a byte-level tokenizer (LM.byte_level_decode)")
+    stops = {byte_level: (settled_stop(c.generation.detector, lm.decode, byte_level=byte_level),
+                          settled_stop(c.generation.detector, lm.decode, False, byte_level))
+             for byte_level in (False, lm.byte_level_decode)}
 
-    # A path: (from the first changed layer?, length buckets); the new path first.
+    # A path: (from the first changed layer?, length buckets, byte-level settled text?); the new path first.
+    byte_level = lm.byte_level_decode
     if F.compare == "first_layer":
-        paths = {"from first changed layer": (True, engine.JOB_LENGTH_MULTIPLE),
-                 "every layer": (False, engine.JOB_LENGTH_MULTIPLE)}
+        paths = {"from first changed layer": (True, engine.JOB_LENGTH_MULTIPLE, byte_level),
+                 "every layer": (False, engine.JOB_LENGTH_MULTIPLE, byte_level)}
+    elif F.compare == "length_multiple":
+        paths = {f"{engine.JOB_LENGTH_MULTIPLE}-token buckets": (True, engine.JOB_LENGTH_MULTIPLE, byte_level),
+                 f"{F.old_length_multiple}-token buckets": (True, F.old_length_multiple, byte_level)}
     else:
-        paths = {f"{engine.JOB_LENGTH_MULTIPLE}-token buckets": (True, engine.JOB_LENGTH_MULTIPLE),
-                 f"{F.old_length_multiple}-token buckets": (True, F.old_length_multiple)}
+        paths = {"byte-level settled text": (True, engine.JOB_LENGTH_MULTIPLE, True),
+                 "any tokenizer's settled text": (True, engine.JOB_LENGTH_MULTIPLE, False)}
 
     def job(path, rows=rows):
-        from_first_changed_layer, length_multiple = paths[path]
+        from_first_changed_layer, length_multiple, byte_level = paths[path]
+        scored, flagged = stops[byte_level]
         t = time.perf_counter()
         out = engine.run(lm, rows, conds, max_new_tokens=c.generation.max_new_tokens, slots=c.generation.batch_size,
                          prefix=np.asarray(prefix).tolist(), min_table_rows=len(conds),
@@ -116,11 +128,19 @@ def main(argv):
             times[path].append(dt)
             print(f"  {path:>24}: {dt:.1f} s")
     a, b = paths
-    same = sum(x == y for x, y in zip(outs[a], outs[b]))
     new, old = statistics.median(times[a]), statistics.median(times[b])
-    print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[a]))}")
-    print(f"{'P1' if F.compare == 'first_layer' else 'P2'}: {new:.1f} s vs {old:.1f} s {b}: {old / new:.2f}x "
-          f"(SGEMM {sgemm_gflops():.1f} GFLOP/s after)")
+    if F.compare == "settle":
+        flagged_rows = [refusal_report([lm.decode(t) for t in outs[p]], detector=c.generation.detector).flags
+                        for p in paths]
+        prefix_rows = sum(y[:len(x)] == x for x, y in zip(outs[a], outs[b]))
+        print(f"gate: {prefix_rows}/{len(rows)} rows a prefix of the other path's, "
+              f"{sum(x == y for x, y in zip(*flagged_rows))}/{len(rows)} refusal flags equal; tokens "
+              f"{sum(map(len, outs[a]))} vs {sum(map(len, outs[b]))}")
+    else:
+        same = sum(x == y for x, y in zip(outs[a], outs[b]))
+        print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[a]))}")
+    bar = {"first_layer": "P1", "length_multiple": "P2", "settle": "P3"}[F.compare]
+    print(f"{bar}: {new:.1f} s vs {old:.1f} s {b}: {old / new:.2f}x (SGEMM {sgemm_gflops():.1f} GFLOP/s after)")
 
 
 if __name__ == "__main__":
