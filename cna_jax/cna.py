@@ -84,17 +84,20 @@ def keeps_dense(lm: LM, n_prompts: int, cache_dir: str | None, position: str = "
 def discover(lm: LM, harmful: Sequence[str], harmless: Sequence[str], k: int = -1, fraction: float = 0.001,
              exclude_layers: Iterable[int] = (0, 1), positive_only: bool = False, drop_universal: bool = False,
              position: str = "last", last_k: int = 1, batch_size: int = 32, cache_dir: str | None = None,
-             progress: bool = True, dense_bytes: int = 1 << 30) -> tuple[NeuronSet, np.ndarray]:
+             progress: bool = True, dense_bytes: int = 1 << 30, residuals: bool = False
+             ) -> tuple[NeuronSet, np.ndarray]:
     """Collects both prompt sets and returns (the CNA neuron set, delta [L, I]).
 
     With a cache_dir and small enough sets (rows x all neurons x 4 bytes <= dense_bytes per set), every
     neuron's per-prompt activation is kept in the cache, so a later ``collect`` of any neuron subset of
-    the same prompts is a column slice instead of another pass through the model."""
+    the same prompts is a column slice instead of another pass through the model. residuals: the
+    collections also keep the residual stream at each row (``collect``'s ``residuals``; with a cache_dir,
+    a later request for them is served from the cache)."""
     if not harmful or not harmless:
         raise ValueError("CNA needs non-empty harmful and harmless prompt sets")
     dense = keeps_dense(lm, max(len(harmful), len(harmless)), cache_dir, position, dense_bytes)
     kw = dict(position=position, last_k=last_k, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-              nodes="all" if dense else None)
+              nodes="all" if dense else None, residuals=residuals)
     mean_h = collect(lm, harmful, desc="collecting harmful", also=[harmless], **kw).mean
     mean_b = collect(lm, harmless, desc="collecting harmless", **kw).mean
     delta = mean_h - mean_b

@@ -1,10 +1,13 @@
 """MLP neuron activations (``silu(gate_proj(x)) * up_proj(x)``, the input of ``down_proj``) at chosen positions.
 
-One jitted forward per batch returns two things, reduced on the device:
+One jitted forward per batch returns, reduced on the device:
 - running statistics over *all* neurons (sum and sum of squares ``[L, I]``), enough to rank every
   neuron without keeping every activation;
 - for a chosen neuron set, the per-row matrix ``[rows, nodes]`` (a row is a prompt, or a token with
-  ``position="all"`` / ``"last_k"``).
+  ``position="all"`` / ``"last_k"``);
+- on request, the residual stream entering every layer at the same rows ``[rows, L, E]`` (what the
+  refusal direction is built from: the direction stage reads it from the cna stage's collection instead
+  of running the same prompts through the same model again).
 Results save with their metadata and are reused when the same inputs come again.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ POSITIONS = ("last", "last_k", "all")
 
 
 def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_index, prefix_tokens=None, *,
-               cfg: ModelConfig, dtype=jnp.float32):
+               cfg: ModelConfig, dtype=jnp.float32, residuals: bool = False):
     """Neuron statistics for one batch.
 
     tokens, valid: [B, T]; select: [B, P] int positions to read; select_valid: [B, P] bool (False for
@@ -42,24 +45,29 @@ def collect_fn(params, tokens, valid, select, select_valid, neuron_mult, node_in
       they are run once at batch 1 into a KV cache of Q slots (with the same multiplier), and the
       rows ``tokens`` (left-padded suffixes) continue from it at rotary positions Q, Q+1, ... . The
       prefix's own positions are never read: ``select`` indexes the suffix.
-    Returns (sums [L, I] f32, sumsq [L, I] f32, node_acts [B, P, N] f32).
+    residuals (static): also return the residual stream entering each layer at ``select`` (HF's
+      ``hidden_states[l]``).
+    Returns (sums [L, I] f32, sumsq [L, I] f32, node_acts [B, P, N] f32), and with ``residuals``
+    a fourth, [B, P, L, E] f32.
     """
     model = Decoder(cfg, dtype)
     if prefix_tokens is None:
         out = model.apply({"params": params}, tokens, padding_positions(valid), causal_mask(valid),
-                          neuron_mult, select=select, return_logits=False, return_neurons=True)
+                          neuron_mult, select=select, return_logits=False, return_neurons=True,
+                          return_residuals=residuals)
     else:
-        out = _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens)
+        out = _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, residuals)
     h = out.neurons.astype(jnp.float32)  # [L, B, P, I]
     w = select_valid.astype(jnp.float32)
     sums = jnp.einsum("lbpi,bp->li", h, w)
     sumsq = jnp.einsum("lbpi,bp->li", h * h, w)
     l, b, p, i = h.shape
     flat = jnp.moveaxis(h, 0, 2).reshape(b, p, l * i)  # [B, P, L*I]
-    return sums, sumsq, jnp.take(flat, node_index, axis=-1)
+    stats = (sums, sumsq, jnp.take(flat, node_index, axis=-1))
+    return (stats + (jnp.moveaxis(out.residuals.astype(jnp.float32), 0, 2),)) if residuals else stats
 
 
-def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens):
+def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_tokens, residuals=False):
     """The shared prefix once (batch 1, keeping only its keys and values), then the suffix batch whose
     queries attend to the prefix's Q slots and causally to their own valid tokens."""
     q = prefix_tokens.shape[0]
@@ -67,22 +75,26 @@ def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_to
     pre = prefix_cache(model, params, prefix_tokens, neuron_mult)
     mask = jnp.concatenate([jnp.ones((b, t, q), bool), causal_mask(valid)], axis=-1)  # [B, T, Q + T]
     return model.apply({"params": params}, tokens, q + padding_positions(valid), mask, neuron_mult,
-                       select=select, return_logits=False, return_neurons=True, prefix=pre)
+                       select=select, return_logits=False, return_neurons=True, return_residuals=residuals,
+                       prefix=pre)
 
 
-collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
+collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype", "residuals"))
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32) -> ShardedFunction:
+def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32, residuals: bool = False
+                    ) -> ShardedFunction:
     """:func:`collect_fn` with the batch split over the layout's batch axes (use the ``collection``
     preset): ``(params, tokens, valid, select, select_valid [B,P], neuron_mult | None, node_index [N],
-    prefix_tokens [Q] | None) -> (sums [L,I], sumsq [L,I], node_acts [B,P,N])``. A shared prefix is
-    replicated and run once at batch 1 (unconstrained); the batch-split rows read its keys and values."""
+    prefix_tokens [Q] | None) -> (sums [L,I], sumsq [L,I], node_acts [B,P,N][, residuals [B,P,L,E]])``. A
+    shared prefix is replicated and run once at batch 1 (unconstrained); the batch-split rows read its keys
+    and values."""
     in_sh = (layout.params(cfg, dtype), layout.batch(2), layout.batch(2), layout.batch(2), layout.batch(2),
              layout.sharding(("layers", "neurons")), layout.replicated(), layout.replicated())
     out_sh = (layout.sharding(("layers", "neurons")), layout.sharding(("layers", "neurons")), layout.batch(3))
-    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype})
+    out_sh += (layout.batch(4),) if residuals else ()
+    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype, "residuals": residuals})
 
 
 @dataclasses.dataclass
@@ -91,7 +103,8 @@ class Activations:
 
     sums, sumsq: [L, I] float64; count: number of rows (prompts or tokens) in the statistics;
     nodes: [N, 2] (layer, index) of the per-row matrix; node_acts: [rows, N] float32;
-    row_prompt: [rows] the prompt each row came from.
+    row_prompt: [rows] the prompt each row came from; residuals: None, or [rows, L, E] float32, the
+    residual stream entering each layer at each row (``collect(..., residuals=True)``).
     """
 
     sums: np.ndarray
@@ -101,6 +114,7 @@ class Activations:
     node_acts: np.ndarray
     row_prompt: np.ndarray
     meta: dict
+    residuals: np.ndarray | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -114,15 +128,16 @@ class Activations:
         """Writes ``path`` (.npz) atomically, with the metadata as JSON inside."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
+        extra = {} if self.residuals is None else {"residuals": self.residuals}
         np.savez(tmp, sums=self.sums, sumsq=self.sumsq, count=self.count, nodes=self.nodes,
-                 node_acts=self.node_acts, row_prompt=self.row_prompt, meta=json.dumps(self.meta))
+                 node_acts=self.node_acts, row_prompt=self.row_prompt, meta=json.dumps(self.meta), **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "Activations":
         with np.load(path) as z:
             return cls(z["sums"], z["sumsq"], int(z["count"]), z["nodes"], z["node_acts"], z["row_prompt"],
-                       json.loads(str(z["meta"])))
+                       json.loads(str(z["meta"])), z["residuals"] if "residuals" in z.files else None)
 
 
 def _select_positions(valid: np.ndarray, position: str, last_k: int):
@@ -171,6 +186,11 @@ def cache_key(lm: LM, prompts: Sequence[str], position: str, last_k: int, nodes:
     return h.hexdigest()[:16]
 
 
+def _has_residuals(path: str) -> bool:
+    with np.load(path) as z:  # reads the archive's index, not its arrays
+        return "residuals" in z.files
+
+
 # Suffix batches are bucketed to multiples of this (finer than the default 32: suffixes are short).
 COLLECT_LENGTH_MULTIPLE = 8
 
@@ -178,7 +198,7 @@ COLLECT_LENGTH_MULTIPLE = 8
 def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", last_k: int = 1,
             neuron_mult: np.ndarray | None = None, batch_size: int = 32, cache_dir: str | None = None,
             progress: bool = True, desc: str = "collecting", share_prefix: bool = True,
-            also: Sequence[Sequence[str]] = ()) -> Activations:
+            also: Sequence[Sequence[str]] = (), residuals: bool = False) -> Activations:
     """Collects neuron statistics over ``prompts`` (formatted as ``lm`` formats them).
 
     nodes: None, "all", a NeuronSet or [N, 2] (layer, index) pairs for the per-row matrix.
@@ -193,6 +213,10 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     also: prompt sets the caller collects next with the same settings: in a multi-process run their batch
       shapes' programs are compiled now, with this call's, spread over the processes
       (:func:`cna_jax.precompile.spread`); elsewhere ignored.
+    residuals: also keep the residual stream entering each layer at every row (``Activations.residuals``,
+      rows x L x E x 4 bytes: 69 KB a row for SmolLM2, 2.6 MB for a 70B model). The cache key does not
+      include it: a cached result without residuals is collected again when they are asked for, and one
+      with them serves every later request of the same inputs.
     """
     prompts = list(prompts)
     if not prompts:
@@ -205,11 +229,12 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     key = cache_key(lm, prompts, position, last_k, node_arr, neuron_mult)
     path = None if cache_dir is None else os.path.join(cache_dir, f"activations-{key}.npz")
     # Cache decisions are process 0's (distributed.agree): every process must run the same collectives.
-    if path is not None and agree(os.path.exists(path)):
+    usable = lambda p: agree(os.path.exists(p) and (not residuals or _has_residuals(p)))
+    if path is not None and usable(path):
         return Activations.load(path)
     if cache_dir is not None:  # a cached all-neuron collection of the same inputs holds every column
         dense = os.path.join(cache_dir, f"activations-{cache_key(lm, prompts, position, last_k, all_nodes(cfg), neuron_mult)}.npz")
-        if agree(os.path.exists(dense)):
+        if usable(dense):
             full = Activations.load(dense)
             return dataclasses.replace(full, nodes=node_arr, node_acts=full.node_acts[:, flat_cols],
                                        meta={**full.meta, "key": key, "sliced_from": full.meta["key"]})
@@ -225,9 +250,9 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     sums = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), np.float64)
     sumsq = np.zeros_like(sums)
     count = 0
-    rows, row_prompt = [], []
-    run = collect_batch if lm.layout is None else sharded_collect(cfg, lm.layout, lm.dtype)
-    static = {"cfg": cfg, "dtype": lm.dtype} if lm.layout is None else {}
+    rows, row_prompt, row_res = [], [], []
+    run = collect_batch if lm.layout is None else sharded_collect(cfg, lm.layout, lm.dtype, residuals)
+    static = {"cfg": cfg, "dtype": lm.dtype, "residuals": residuals} if lm.layout is None else {}
 
     def arrays(batch_rows, tokens, valid):  # -> (the rows' selected positions that count, the call's arrays)
         select, sel_valid = _select_positions(valid, position, last_k)
@@ -248,24 +273,29 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
         precompile.spread(progs)
     for batch_rows, tokens, valid in batches(rows_ids, progress):
         sel_valid, batch = arrays(batch_rows, tokens, valid)
-        s, sq, acts = run(lm.params, *batch, mult, node_index, prefix, **static)
+        s, sq, acts, *res = run(lm.params, *batch, mult, node_index, prefix, **static)
         sums += lm.to_host(s).astype(np.float64)
         sumsq += lm.to_host(sq).astype(np.float64)
         count += int(sel_valid.sum())
         acts = lm.to_host(acts)
+        res = lm.to_host(res[0]) if residuals else None
         for j, r in enumerate(batch_rows):
             keep = sel_valid[j]
             rows.append(acts[j][keep])
+            if residuals:
+                row_res.append(res[j][keep])
             row_prompt.extend([r] * int(keep.sum()))
     # Rows back in prompt order (batches were sorted by length).
     row_prompt = np.asarray(row_prompt, np.int64)
     node_acts = np.concatenate(rows, 0) if rows else np.zeros((0, len(node_arr)), np.float32)
     order_rows = np.argsort(row_prompt, kind="stable")
+    res = np.concatenate(row_res, 0)[order_rows].astype(np.float32) if residuals else None
     result = Activations(sums, sumsq, count, node_arr, node_acts[order_rows].astype(np.float32),
                          row_prompt[order_rows],
                          {"model": lm.describe(), "position": position, "last_k": last_k, "n_prompts": len(prompts),
                           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
-                          "masked": neuron_mult is not None, "shared_prefix_tokens": shared, "key": key})
+                          "masked": neuron_mult is not None, "shared_prefix_tokens": shared, "key": key},
+                         res)
     if path is not None:
         if is_writer():  # one writer; the others wait until the file is complete
             result.save(path)

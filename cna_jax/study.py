@@ -6,7 +6,8 @@ Stages, each keyed by a hash of the config parts it depends on (``cna_jax.store`
   acts-base      the same neurons on the base model (raw prompts, as base models get; every neuron is
                  collected and the CNA neurons sliced out, so it reuses the cna stage's compiled programs)
   graph-*        stability graphs: contrast (instruct), harmful-only (instruct), contrast (base)
-  direction      the refusal direction of the residual stream and its layer (training prompts only)
+  direction      the refusal direction of the residual stream and its layer (training prompts only; the
+                 last-token residuals were kept by the cna stage's collection of the same prompts)
   generation     one engine job: every condition (none, CNA, both graph subsets, directional ablation,
                  activation addition) on the held-out prompts and every layer-matched and uniform null
                  subset of the contrast-graph subset (rows appended as they finish)
@@ -87,6 +88,14 @@ def discover_kwargs(c) -> dict:
     return dict(k=n.k, fraction=n.fraction, exclude_layers=tuple(n.exclude_layers), positive_only=n.positive_only,
                 drop_universal=n.drop_universal, position=n.position, last_k=n.last_k,
                 batch_size=c.collect.batch_size)
+
+
+def direction_split(n: int, selection_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(selection, fit): a seeded split of the n training pairs (the same rows on both sides), the
+    direction's layer chosen on the first, its means taken over the second (docs/METHOD.md §5.1)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_sel = min(max(1, round(selection_fraction * n)), n - 1)
+    return sorted(order[:n_sel].tolist()), sorted(order[n_sel:].tolist())
 
 
 def null_subsets(pool: NeuronSet, subset_idx: np.ndarray, n: int, family: str, seed: int):
@@ -195,7 +204,8 @@ class Study:
 
         def run(stage):
             ns, delta = cna_lib.discover(self.lm("instruct"), self.prompts.train_harmful, self.prompts.train_harmless,
-                                         cache_dir=self.cache_dir, progress=self.progress, **discover_kwargs(c))
+                                         cache_dir=self.cache_dir, progress=self.progress,
+                                         residuals=self._shares_residuals(), **discover_kwargs(c))
             arrays = {"delta": delta.astype(np.float32), "layers": ns.layers, "indices": ns.indices, "deltas": ns.deltas}
             return arrays, {"num_layers": ns.num_layers, "intermediate_size": ns.intermediate_size,
                             "report": ns.report(), "meta": ns.meta}
@@ -209,6 +219,11 @@ class Study:
         self.delta = arrays["delta"]
         return ns
 
+    def _shares_residuals(self) -> bool:
+        """Whether the cna stage's collection keeps the last-token residual stream in the cache, so that the
+        direction stage's means come from it instead of another pass over the same prompts."""
+        return bool(self.c.direction.enabled and self.c.cna.position == "last" and self.cache_dir is not None)
+
     def _key_acts(self, side: str):
         return (self._key_cna(), self.c.model[side], self.c.collect)
 
@@ -217,8 +232,9 @@ class Study:
 
         def run(stage):
             lm = self.lm(side)
+            # residuals as in the cna stage: the same compiled programs (the base side's residuals go unused)
             kw = dict(position="last", batch_size=c.collect.batch_size, cache_dir=self.cache_dir,
-                      progress=self.progress)
+                      progress=self.progress, residuals=self._shares_residuals())
             harmful, harmless = self.prompts.train_harmful, self.prompts.train_harmless
             # Every neuron where the cna stage collected every neuron (discover's rule, both sets at once):
             # the same compiled programs (this side compiles nothing new), kept in the cache; the pool's
@@ -376,14 +392,17 @@ class Study:
 
         def run(stage):
             lm = self.lm("instruct")
-            n = len(p.train_harmful)
-            order = np.random.default_rng(d.seed).permutation(n)
-            n_sel = min(max(1, round(d.selection_fraction * n)), n - 1)
-            sel, fit = sorted(order[:n_sel]), sorted(order[n_sel:])  # train pairs: the same rows on both sides
+            sel, fit = direction_split(len(p.train_harmful), d.selection_fraction, d.seed)
 
             def means(prompts, name):
-                return direction_lib.residual_means(lm, [prompts[i] for i in fit], c.collect.batch_size,
-                                                    progress=self.progress, desc=f"residual means, {name}")
+                if not self._shares_residuals():
+                    return direction_lib.residual_means(lm, [prompts[i] for i in fit], c.collect.batch_size,
+                                                        progress=self.progress, desc=f"residual means, {name}")
+                # The cna stage's collection of these prompts (same model, same formatting) kept them.
+                acts = collect(lm, prompts, position="last", last_k=c.cna.last_k, batch_size=c.collect.batch_size,
+                               cache_dir=self.cache_dir, progress=self.progress, desc=f"residuals, {name}",
+                               residuals=True)
+                return acts.residuals[np.isin(acts.row_prompt, fit)].astype(np.float64).mean(0)
 
             mean_h, mean_b = means(p.train_harmful, "harmful"), means(p.train_harmless, "harmless")
             dirs = mean_h - mean_b

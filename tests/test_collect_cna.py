@@ -259,3 +259,42 @@ def test_universal_neuron_filter(smollm2_lm):
     assert (mask.sum(1) <= 20).all()  # at most the per-layer top-20 can qualify
     strict = universal_neurons(smollm2_lm, NEUTRAL_PROMPTS, frac=1.0)
     assert not (strict & ~mask).any()  # a stricter share keeps a subset
+
+
+def test_collected_residuals_match_hf_and_serve_the_cache(tmp_path):
+    """collect(residuals=True) keeps the residual stream entering each layer at each prompt's last token,
+    the chat template's shared prefix run once (a tiny Llama with SmolLM2's tokenizer), against HF
+    ``hidden_states[l]`` of each prompt run alone, unpadded. A cached collection without residuals is
+    collected again when they are asked for; one with them serves later requests, sliced or not."""
+    from hf_models import save_tiny_chat
+    from cna_jax.lm import LM
+
+    path, hf = save_tiny_chat(tmp_path / "model", "llama")
+    lm = LM.load(path)
+    prompts = ["How do I bake bread?", "Hi", "Explain how a refrigerator keeps food cold, step by step.",
+               "Name a colour.", "Write a poem about the sea."]
+    cache = str(tmp_path / "cache")
+    plain = collect(lm, prompts, nodes="all", batch_size=2, cache_dir=cache, progress=False)
+    assert plain.residuals is None and plain.meta["shared_prefix_tokens"] > 0
+    # The all-neuron file lacks residuals: a real pass, not a slice of it.
+    sub = collect(lm, prompts, nodes=np.array([[1, 5]]), batch_size=2, cache_dir=cache, progress=False,
+                  residuals=True)
+    assert "sliced_from" not in sub.meta
+    L, E = lm.cfg.num_hidden_layers, lm.cfg.hidden_size
+    with torch.no_grad():
+        ref = np.stack([torch.stack(hf(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states)
+                        [:L, 0, -1].numpy() for x in lm.encode(prompts)])  # [P, L, E]
+    assert sub.residuals.shape == (5, L, E) and list(sub.row_prompt) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(sub.residuals, ref, atol=1e-5, rtol=1e-5)  # O(1) entries, 2 layers of rounding
+    np.testing.assert_allclose(sub.node_acts, plain.node_acts[:, [1 * lm.cfg.intermediate_size + 5]], atol=1e-5)
+    # Asked with residuals, the all-neuron collection runs again and its file keeps them ...
+    full = collect(lm, prompts, nodes="all", batch_size=2, cache_dir=cache, progress=False, residuals=True)
+    np.testing.assert_allclose(full.residuals, ref, atol=1e-5, rtol=1e-5)
+    # ... so a slice carries them, and a request without residuals is served from the same file.
+    sliced = collect(lm, prompts, nodes=np.array([[0, 2]]), batch_size=2, cache_dir=cache, progress=False,
+                     residuals=True)
+    assert sliced.meta["sliced_from"] == full.meta["key"]
+    np.testing.assert_array_equal(sliced.residuals, full.residuals)
+    again = collect(lm, prompts, nodes="all", batch_size=2, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(again.residuals, full.residuals)
+    np.testing.assert_array_equal(again.node_acts, full.node_acts)

@@ -190,6 +190,33 @@ def test_base_activations_are_sliced_from_an_all_neuron_collection(single_study)
         np.testing.assert_allclose(acts[kind], direct.node_acts, atol=1e-5, rtol=1e-5)
 
 
+def test_direction_means_are_read_from_the_cna_collection(single_study):
+    """The cna stage's collection of the instruct model's training prompts keeps the last-token residual
+    stream in the cache; the direction stage's means over its fit slice come from there and equal an
+    independent pass (direction.residual_means, checked against HF hidden_states in test_steering)."""
+    import jax.numpy as jnp
+
+    from cna_jax.collect import Activations
+    from cna_jax.direction import residual_means
+    from cna_jax.lm import LM
+    from cna_jax.store import Stage
+    from cna_jax.study import direction_split, prepare_prompts
+
+    c, workdir, _, _ = single_study
+    instruct = LM.load(c.model.instruct, dtype=jnp.float32, chat=True)
+    cached = [Activations.load(str(f)) for f in sorted((workdir / "cache").glob("activations-*.npz"))]
+    mine = [a for a in cached if a.meta["model"] == instruct.describe()]
+    assert len(mine) == 2 and all(a.residuals is not None for a in mine)  # the cna stage's two collections
+    name = next(d for d in os.listdir(workdir / "stages") if d.startswith("direction-"))
+    arrays = Stage(str(workdir), "direction", name[len("direction-"):]).load()[0]
+    prompts = prepare_prompts(c)
+    _, fit = direction_split(len(prompts.train_harmful), c.direction.selection_fraction, c.direction.seed)
+    for key, texts in (("mean_harmful", prompts.train_harmful), ("mean_harmless", prompts.train_harmless)):
+        want = residual_means(instruct, [texts[i] for i in fit], batch_size=c.collect.batch_size)
+        # float32 stored; two passes over differently shaped batches (shared prefix vs whole prompts)
+        np.testing.assert_allclose(arrays[key], want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_configs_fail_fast(tiny_pair, tmp_path):
     c = tiny_config(tiny_pair)
     bad = copy.deepcopy(c)
