@@ -273,12 +273,12 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
         precompile.spread(progs)
     for batch_rows, tokens, valid in batches(rows_ids, progress):
         sel_valid, batch = arrays(batch_rows, tokens, valid)
-        s, sq, acts, *res = run(lm.params, *batch, mult, node_index, prefix, **static)
+        s, sq, acts, *extra = run(lm.params, *batch, mult, node_index, prefix, **static)  # extra: [residuals]
         sums += lm.to_host(s).astype(np.float64)
         sumsq += lm.to_host(sq).astype(np.float64)
         count += int(sel_valid.sum())
         acts = lm.to_host(acts)
-        res = lm.to_host(res[0]) if residuals else None
+        res = lm.to_host(extra[0]) if residuals else None
         for j, r in enumerate(batch_rows):
             keep = sel_valid[j]
             rows.append(acts[j][keep])
@@ -289,13 +289,13 @@ def collect(lm: LM, prompts: Sequence[str], nodes=None, position: str = "last", 
     row_prompt = np.asarray(row_prompt, np.int64)
     node_acts = np.concatenate(rows, 0) if rows else np.zeros((0, len(node_arr)), np.float32)
     order_rows = np.argsort(row_prompt, kind="stable")
-    res = np.concatenate(row_res, 0)[order_rows].astype(np.float32) if residuals else None
+    all_res = np.concatenate(row_res, 0)[order_rows].astype(np.float32) if residuals else None
     result = Activations(sums, sumsq, count, node_arr, node_acts[order_rows].astype(np.float32),
                          row_prompt[order_rows],
                          {"model": lm.describe(), "position": position, "last_k": last_k, "n_prompts": len(prompts),
                           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
                           "masked": neuron_mult is not None, "shared_prefix_tokens": shared, "key": key},
-                         res)
+                         all_res)
     if path is not None:
         if is_writer():  # one writer; the others wait until the file is complete
             result.save(path)
