@@ -220,9 +220,9 @@ class Study:
         return ns
 
     def _shares_residuals(self) -> bool:
-        """Whether the cna stage's collection keeps the last-token residual stream in the cache, so that the
-        direction stage's means come from it instead of another pass over the same prompts."""
-        return bool(self.c.direction.enabled and self.c.cna.position == "last" and self.cache_dir is not None)
+        """Whether the cna stage's collection keeps the last-token residual stream in the study's cache, so
+        that the direction stage's means come from it instead of another pass over the same prompts."""
+        return bool(self.c.direction.enabled and self.c.cna.position == "last")
 
     def _key_acts(self, side: str):
         return (self._key_cna(), self.c.model[side], self.c.collect)
