@@ -10,7 +10,8 @@ half the window in the study's jobs), and is ~2x faster per column read.
 Packed matmul: a decode step multiplies a few dozen rows by every weight once, streaming the weights from
 memory; XLA:CPU repacks each weight per call, which at 32 rows costs about as much as the arithmetic.
 ``csrc/packed_matmul.cc`` reads weights :func:`pack` laid out once per model (a second copy of every
-weight): one core, SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 (``engine.packed_weights``
+weight) in panels one register tile wide (:func:`panel`: 48 columns with AVX-512, 24 otherwise): one core,
+SmolLM2 shapes at 32 rows, 95-104 GFLOP/s against XLA's 71-82 on the AVX-512 machine (``engine.packed_weights``
 and ``engine.PACKED_MAX_SLOTS`` say when the engine uses it).
 
 Row KL: the damage stage (``cna_jax.damage``) scores every condition at ~600 positions per
@@ -55,21 +56,21 @@ log = logging.getLogger(__name__)
 DECODE_ATTENTION = "cna_decode_attention"
 PACKED_MATMUL = "cna_packed_matmul"
 ROW_KL = "cna_row_kl"
-PANEL = 48  # columns per packed weight panel (kPanel in csrc/packed_matmul.cc)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _COMMON_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno", "-fopenmp-simd", "-w")
 ENV = "CNA_JAX_CPU_KERNELS"  # "0" turns the kernels off
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _arch_flags(widest: bool = False) -> tuple[str, ...]:
@@ -80,6 +81,17 @@ def _arch_flags(widest: bool = False) -> tuple[str, ...]:
     if widest and "avx512f" in flags:
         return ("-mavx2", "-mfma", "-mavx512f")
     return ("-mavx2", "-mfma")
+
+
+def panel_width(flags: tuple[str, ...]) -> int:
+    """Columns per packed weight panel of the matmul build with these ``_arch_flags`` (kPanel in
+    csrc/packed_matmul.cc, one register tile's width): 48 with AVX-512, else 24."""
+    return 48 if "-mavx512f" in flags else 24
+
+
+def panel() -> int:
+    """The panel width of the matmul build this process uses (:func:`pack`'s layout)."""
+    return panel_width(_arch_flags(widest=_KERNELS["packed_matmul"][1]))
 
 
 def _build(compiler: str, name: str, flags: tuple[str, ...]) -> str:
@@ -170,12 +182,13 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
                 scale=np.float32(scale))
 
 
-def pack(w: jax.Array) -> jax.Array:
-    """w [K, N] float32 -> [ceil(N / PANEL), K, PANEL]: column panels, k-major, zero past N (the layout
-    :func:`packed_matmul` reads)."""
+def pack(w: jax.Array, width: int | None = None) -> jax.Array:
+    """w [K, N] float32 -> [ceil(N / W), K, W]: column panels, k-major, zero past N (the layout
+    :func:`packed_matmul` reads). W: ``width``, default :func:`panel` (this process's build)."""
     k, n = w.shape
-    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, -n % PANEL)))
-    return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+    width = width or panel()
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, -n % width)))
+    return w.reshape(k, -1, width).transpose(1, 0, 2)
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:

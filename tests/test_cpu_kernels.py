@@ -115,7 +115,8 @@ def test_packed_matmul_matches_a_float64_product(m, k, n):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     wp = jax.jit(cpu_kernels.pack)(w)
-    assert wp.shape == (-(-n // cpu_kernels.PANEL), k, cpu_kernels.PANEL)
+    w_ = cpu_kernels.panel()
+    assert wp.shape == (-(-n // w_), k, w_) and w_ in (24, 48)
     got = np.asarray(jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, wp, n))
     want = x.astype(np.float64) @ w.astype(np.float64)
     bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
@@ -139,8 +140,8 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     m, k, n = 11, 75, 100
     x = rng.standard_normal((m, k)).astype(np.float32)
-    wp = cpu_kernels.pack(rng.standard_normal((k, n)).astype(np.float32))
-    want = np.asarray(cpu_kernels.packed_matmul(x, wp, n))
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    want = np.asarray(cpu_kernels.packed_matmul(x, cpu_kernels.pack(w), n))
     builds = {"portable": ()}
     if cpu_kernels._arch_flags():
         builds["avx2"] = cpu_kernels._arch_flags()
@@ -148,8 +149,12 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
         lib = ctypes.cdll.LoadLibrary(cpu_kernels._build(compiler, "packed_matmul", flags))
         target = f"test_packed_matmul_{name}"
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.CnaPackedMatmul), platform="cpu")
+        wp = cpu_kernels.pack(w, cpu_kernels.panel_width(flags))  # each build reads its own panel width
         got = np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, wp))
         np.testing.assert_array_equal(got, want, err_msg=name)
+        other = cpu_kernels.pack(w, 72 - cpu_kernels.panel_width(flags))  # 24 <-> 48: refused, not misread
+        with pytest.raises(Exception, match="panel width"):
+            jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, other).block_until_ready()
 
 
 def test_kernels_give_the_same_bits_on_one_cpu_and_on_several():

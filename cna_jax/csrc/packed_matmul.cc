@@ -1,6 +1,8 @@
 // y = x w on CPU with w pre-packed into column panels: the engine's weight products. An XLA FFI
-// handler (cna_jax/cpu_kernels.py builds and registers it). Shapes: x [M, K], w_packed [P, K, 48] (panel p
-// holds columns 48p .. 48p + 47 of w [K, N], k-major; columns past N are zero), y [M, N]; all float32.
+// handler (cna_jax/cpu_kernels.py builds and registers it). Shapes: x [M, K], w_packed [P, K, W] (panel p
+// holds columns Wp .. Wp + W - 1 of w [K, N], k-major; columns past N are zero), y [M, N]; all float32. The
+// panel width W is one register tile's: 48 columns in the AVX-512 build, 24 in the AVX2 and portable ones
+// (cpu_kernels.panel() names the build's).
 //
 // Why packed: a decode step multiplies a few dozen rows by every weight matrix once, so the weights come
 // from memory each step. XLA:CPU's matmul copies ("packs") each weight into a cache-friendly layout per
@@ -14,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -27,7 +30,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 48;  // columns per packed panel (cpu_kernels.PANEL)
 // Rows of a panel tile a pass runs over every row block (kDepth x kCols floats, 12 KB: they stay in L1 for
 // the next row block instead of coming again from L2; one core of the AVX2 machine, [48, 1536] x [1536, 576]:
 // 77 -> 84 GFLOP/s). The accumulators go to y and back between passes, which changes no bit.
@@ -57,7 +59,10 @@ constexpr int kRows = 4;
 #ifndef CNA_PORTABLE
 // 3 vectors of columns x kRows rows accumulate in registers (24 or 12 accumulators).
 constexpr int kVecs = 3, kCols = kVecs * kLanes;
-static_assert(kPanel % kCols == 0, "a panel is a whole number of tiles");
+// A panel is one tile wide, so a tile reads its panel rows whole and in order. With AVX2's 24-column tiles
+// over 48-column panels each tile read half of every 192-byte panel row (three cache lines, two touched):
+// a SmolLM2 decode step's products on one core of the AVX2 machine, 48 rows, ran 4-8% slower (BENCHMARKS.md).
+constexpr int64_t kPanel = kCols;
 constexpr int64_t kDepth = kDepthBytes / (kCols * sizeof(float));
 
 // c [kRows, kCols] (row stride ldc) = a [kRows, K] (row stride lda) times the panel's columns b [K, kCols]
@@ -80,7 +85,8 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float
     for (int j = 0; j < kVecs; ++j) Store(c + r * ldc + j * kLanes, acc[r][j]);
 }
 #else
-constexpr int kCols = kPanel;
+constexpr int kCols = 24;
+constexpr int64_t kPanel = kCols;
 constexpr int64_t kDepth = kDepthBytes / (kCols * sizeof(float));
 inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float* c, int64_t ldc, bool more = false) {
   for (int r = 0; r < kRows; ++r)
@@ -97,7 +103,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
       yd[0] != xd[0] || yd[1] > wd[0] * kPanel || yd[1] <= (wd[0] - 1) * kPanel) {
-    return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], w [ceil(N / 48), K, 48], y [M, N]");
+    return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], w [ceil(N / W), K, W], y [M, N] with W = " +
+                                       std::to_string(kPanel) + " (this build's panel width)");
   }
   const int64_t m_n = xd[0], k_n = xd[1], n_n = yd[1], p_n = wd[0];
   const float* a = x.typed_data();
@@ -115,21 +122,21 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t tiles = (n_n + kCols - 1) / kCols;
   const auto tile = [&](int64_t t) {
     float tail[kRows * kCols];
-    const int64_t n0 = t * kCols, p = n0 / kPanel, c0 = n0 % kPanel;
-    const float* bp = b + p * k_n * kPanel;
+    const int64_t n0 = t * kCols;
+    const float* bp = b + t * k_n * kPanel;  // tile t is panel t
     const int64_t cols = n_n - n0 < kCols ? n_n - n0 : kCols;
     if (cols == kCols) {  // whole row blocks, kDepth rows of the panel at a time over all of them
       for (int64_t k0 = 0; k0 == 0 || k0 < k_n; k0 += kDepth) {  // K = 0 still writes the zeros
         const int64_t depth = k_n - k0 < kDepth ? k_n - k0 : kDepth;
         for (int64_t m0 = 0; m0 < full_rows; m0 += kRows) {
-          Tile(a + m0 * k_n + k0, k_n, bp + k0 * kPanel + c0, depth, c + m0 * n_n + n0, n_n, k0 > 0);
+          Tile(a + m0 * k_n + k0, k_n, bp + k0 * kPanel, depth, c + m0 * n_n + n0, n_n, k0 > 0);
         }
       }
     }
     for (int64_t m0 = cols == kCols ? full_rows : 0; m0 < m_n; m0 += kRows) {
       const int64_t rows = m_n - m0 < kRows ? m_n - m0 : kRows;
       const float* am = rows == kRows ? a + m0 * k_n : last_rows.data();
-      Tile(am, k_n, bp + c0, k_n, tail, kCols);
+      Tile(am, k_n, bp, k_n, tail, kCols);
       for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (m0 + r) * n_n + n0, tail + r * kCols, sizeof(float) * cols);
     }
   };
