@@ -61,7 +61,8 @@ constexpr int kRows = 4;
 constexpr int kVecs = 3, kCols = kVecs * kLanes;
 // A panel is one tile wide, so a tile reads its panel rows whole and in order. With AVX2's 24-column tiles
 // over 48-column panels each tile read half of every 192-byte panel row (three cache lines, two touched):
-// a SmolLM2 decode step's products on one core of the AVX2 machine, 48 rows, ran 4-8% slower (BENCHMARKS.md).
+// a SmolLM2 decode step's products on one core of the AVX2 machine ran 4-5% slower at 48 rows and 8-11%
+// at 32 (BENCHMARKS.md).
 constexpr int64_t kPanel = kCols;
 constexpr int64_t kDepth = kDepthBytes / (kCols * sizeof(float));
 
@@ -106,7 +107,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], w [ceil(N / W), K, W], y [M, N] with W = " +
                                        std::to_string(kPanel) + " (this build's panel width)");
   }
-  const int64_t m_n = xd[0], k_n = xd[1], n_n = yd[1], p_n = wd[0];
+  const int64_t m_n = xd[0], k_n = xd[1], n_n = yd[1];
   const float* a = x.typed_data();
   const float* b = w.typed_data();
   float* c = y->typed_data();
