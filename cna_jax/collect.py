@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from cna_jax.distributed import agree, barrier, is_writer
 from cna_jax.lm import LM
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import Decoder, causal_mask, padding_positions, prefix_cache
-from cna_jax.sharding import Layout, ShardedFunction
+from cna_jax.sharding import Layout, ShardedFunction, forward_compiler_options
 
 POSITIONS = ("last", "last_k", "all")
 
@@ -79,7 +79,15 @@ def _suffix_forward(model, params, tokens, valid, select, neuron_mult, prefix_to
                        prefix=pre)
 
 
-collect_batch = jax.jit(collect_fn, static_argnames=("cfg", "dtype", "residuals"))
+@functools.cache
+def _collect_jit(platform: str) -> Callable:
+    return jax.jit(collect_fn, static_argnames=("cfg", "dtype", "residuals"),
+                   compiler_options=forward_compiler_options(platform))
+
+
+def collect_batch(*args, **kwargs):
+    """:func:`collect_fn` jitted on the default device (XLA options: ``cna_jax.sharding.forward_compiler_options``)."""
+    return _collect_jit(jax.default_backend())(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,7 +102,8 @@ def sharded_collect(cfg: ModelConfig, layout: Layout, dtype=jnp.float32, residua
              layout.sharding(("layers", "neurons")), layout.replicated(), layout.replicated())
     out_sh = (layout.sharding(("layers", "neurons")), layout.sharding(("layers", "neurons")), layout.batch(3))
     out_sh += (layout.batch(4),) if residuals else ()
-    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype, "residuals": residuals})
+    return ShardedFunction(collect_fn, layout, in_sh, out_sh, {"cfg": cfg, "dtype": dtype, "residuals": residuals},
+                           compiler_options=forward_compiler_options(layout.platform))
 
 
 @dataclasses.dataclass

@@ -61,6 +61,7 @@ from cna_jax import cpu_kernels, precompile
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import (CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions,
                                   rope_inv_freq, rope_tables)
+from cna_jax.sharding import ShardedFunction, forward_compiler_options
 
 
 @dataclasses.dataclass
@@ -471,9 +472,6 @@ def packed_weights(lm) -> dict | None:
 
 # Jitted single-device entry points (static shapes come from the arguments).
 _empty_state = jax.jit(empty_state_fn, static_argnames=("cfg", "dtype", "slots", "width", "max_new_tokens"))
-_prefix = jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"))
-_prefill = jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding", "start"))
-_store = jax.jit(store_fn, static_argnames=("cfg", "dtype", "stop", "cache_sharding"))
 _place = jax.jit(place_fn, donate_argnums=(0,))
 _retire = jax.jit(retire_fn, donate_argnums=(0,))
 _pack_jit = jax.jit(_pack_params, static_argnames=("cfg",))
@@ -483,6 +481,16 @@ _pack_jit = jax.jit(_pack_params, static_argnames=("cfg",))
 def _decode(platform: str):
     return jax.jit(decode_fn, static_argnames=("cfg", "dtype", "steps", "cache_sharding"), donate_argnums=(1,),
                    compiler_options=decode_compiler_options(platform))
+
+
+@functools.cache
+def _forwards(platform: str) -> tuple[Callable, Callable, Callable]:
+    """The jitted prefix, prefill and store passes, compiled with ``platform``'s forward options."""
+    opts = dict(compiler_options=forward_compiler_options(platform))
+    return (jax.jit(prefix_fn, static_argnames=("cfg", "dtype", "cache_sharding"), **opts),
+            jax.jit(prefill_fn, static_argnames=("cfg", "dtype", "width", "max_new_tokens", "cache_sharding", "start"),
+                    **opts),
+            jax.jit(store_fn, static_argnames=("cfg", "dtype", "stop", "cache_sharding"), **opts))
 
 
 @dataclasses.dataclass
@@ -514,13 +522,14 @@ class Functions:
 def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max_new_tokens: int, chunk: int
                             ) -> Functions:
     stat = dict(cfg=cfg, dtype=dtype)
+    prefix, prefill, store = _forwards(jax.default_backend())
     return Functions(
         empty=functools.partial(_empty_state, slots=slots, width=width, max_new_tokens=max_new_tokens, **stat),
-        prefix=functools.partial(_prefix, **stat),
-        prefill=functools.partial(_prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
+        prefix=functools.partial(prefix, **stat),
+        prefill=functools.partial(prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
         place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
-        put_table=put_host_table, store=functools.partial(_store, **stat))
+        put_table=put_host_table, store=functools.partial(store, **stat))
 
 
 @functools.lru_cache(maxsize=16)
@@ -530,7 +539,6 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings less the layer
     axis (:func:`split_layers`). Prefilled rows are split over the batch axes when their count divides, else
     replicated."""
-    from cna_jax.sharding import ShardedFunction
 
     b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys and values [S, K, W, D]
     b1, b2, rep = layout.batch(1), layout.batch(2), layout.replicated()
@@ -544,6 +552,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     params_sh = layout.params(cfg, dtype)
     stat = dict(cfg=cfg, dtype=dtype)
     cached = dict(stat, cache_sharding=layout.sharding(CACHE_AXES))  # the stacked cache of prefix / prefill
+    fwd = dict(compiler_options=forward_compiler_options(layout.platform))
     # Prefilled rows are split over the batch axes when their count divides both the inputs' batch axes and
     # the cache's (a "batch" KV-head fallback also splits the cache batch over tensor).
     mult = math.lcm(layout.batch_size_multiple(), _ways(layout.sharding((b_,)), 0))
@@ -557,7 +566,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     empty = ShardedFunction(lambda **kw: empty_state_fn(**kw), layout, (), state_sh,
                             dict(slots=slots, width=width, max_new_tokens=max_new_tokens, **stat))
     # prefix, store, prefill and decode take ``packed`` last (:func:`packed_weights`, replicated) or None.
-    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh, rep), rep, cached)
+    prefix = ShardedFunction(prefix_fn, layout, (params_sh, rep, table_sh, rep), rep, cached, **fwd)
     prefills: dict[tuple[int, int], ShardedFunction] = {}  # by (P, start)
     stores: dict[tuple[int, int], ShardedFunction] = {}  # by (N, stop)
     places: dict[int, ShardedFunction] = {}  # by P: place always takes P (src, slot) pairs
@@ -570,13 +579,13 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
             store = (rep, rep, rows_sh(p)[2])  # the store replicated, its row indices like cond (None at start 0)
             prefills[p, start] = ShardedFunction(
                 prefill_fn, layout, (params_sh, rep, *rows_sh(p), table_sh, rep, *store, rep), staged_sh(p),
-                dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, start=start, **cached))
+                dict(width=width - max_new_tokens, max_new_tokens=max_new_tokens, start=start, **cached), **fwd)
         return prefills[p, start]
 
     def store_at(n, stop):  # the ShardedFunction for a store pass over N rows up to layer ``stop``
         if (n, stop) not in stores:
             stores[n, stop] = ShardedFunction(store_fn, layout, (params_sh, rep, *rows_sh(n), table_sh, rep),
-                                              (rep, rep), dict(stop=stop, **cached))
+                                              (rep, rep), dict(stop=stop, **cached), **fwd)
         return stores[n, stop]
 
     def store(params, prefix_kv, tokens, valid, cond, table, stop, packed=None):
@@ -599,7 +608,7 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     prefill.at, place.at, store.at = prefill_at, place_at, store_at
     decode = ShardedFunction(decode_fn, layout, (params_sh, state_sh, table_sh, rep, rep), state_sh,
                              dict(steps=chunk, cache_sharding=cached["cache_sharding"], **stat), donate=(1,),
-                             compiler_options=decode_compiler_options(layout.mesh.devices.flat[0].platform))
+                             compiler_options=decode_compiler_options(layout.platform))
 
     def put_rows(*arrays):
         sh = (lambda a: b2 if a.ndim == 2 else b1) if split(arrays[0].shape[0]) else (lambda a: rep)

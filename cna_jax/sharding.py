@@ -176,6 +176,11 @@ class Layout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    @property
+    def platform(self) -> str:
+        """The mesh's device platform ("cpu", "gpu", "tpu")."""
+        return self.mesh.devices.flat[0].platform
+
     def batch(self, ndim: int = 2) -> NamedSharding:
         """[batch, ...] inputs (tokens, masks)."""
         return self.sharding(("batch",) + (None,) * (ndim - 1))
@@ -327,6 +332,20 @@ def cache_bytes_per_device(cfg: ModelConfig, layout: Layout, batch: int, slots: 
 # ---------------------------------------------------------------------------------------------------
 # Sharded jitted functions
 # ---------------------------------------------------------------------------------------------------
+# XLA:CPU spends most of a forward program's compile in LLVM, optimising each of its hundreds of fusions (30
+# unrolled layers of norms, rotary products, masks and steering). At LLVM's -O1 instead of the default -O2 the
+# study's prefill, store and collection programs compiled in 36-65% of the time and computed the same bits, at
+# +1-3% run time (one core, SmolLM2 shapes, BENCHMARKS.md). Their run time is mostly the weight products
+# (library or packed-kernel calls, compiled once), and most such programs run a few dozen times per job while
+# each compile costs 10-30 s. The decode step, which runs thousands of times, keeps -O2.
+FORWARD_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def forward_compiler_options(platform: str) -> dict | None:
+    """XLA options for a forward program's compile on ``platform`` (CPU only; other backends: none)."""
+    return FORWARD_CPU_COMPILER_OPTIONS if platform == "cpu" else None
+
+
 class ShardedFunction:
     """``jax.jit`` of an un-jitted function with explicit in/out shardings, static kwargs bound.
 

@@ -215,8 +215,9 @@ def test_engine_through_packed_weights(tiny, monkeypatch):
     valid[1, :2] = False  # left padding
     cond = np.arange(2, dtype=np.int32)
     kernel_calls = 7 * cfg.num_hidden_layers + 1
-    text = engine._prefill.lower(params, None, tokens, valid, cond, table, never, packed=packed, cfg=cfg,
-                                 dtype=jnp.float32, width=width - n, max_new_tokens=n).compile().as_text()
+    prefill = engine._forwards("cpu")[1]
+    text = prefill.lower(params, None, tokens, valid, cond, table, never, packed=packed, cfg=cfg,
+                         dtype=jnp.float32, width=width - n, max_new_tokens=n).compile().as_text()
     assert text.count(f'custom_call_target="{cpu_kernels.PACKED_MATMUL}"') == kernel_calls
     states = {}
     for name, kw in (("packed", {"packed": packed}), ("xla", {})):

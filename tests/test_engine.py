@@ -176,7 +176,7 @@ def test_jobs_with_one_table_size_share_compiled_programs(tiny_job):
     _, cfg, params, prefix, rows, conds, eos, want, suffixes = tiny_job
     lm = LM(cfg, params, tokenizer=None, chat=False)
     decode = engine._decode("cpu")
-    fns = (engine._prefix, engine._prefill, decode)
+    fns = engine._forwards("cpu")[:2] + (decode,)
 
     def job(n_conds, **kw):
         job_rows = [r for r in rows if r[1] < n_conds]
@@ -212,8 +212,9 @@ def test_rows_start_at_their_first_changed_layer(tiny_job, monkeypatch):
     job_rows = [(s, c) for s in suffixes for c in (0, 1, 2)]
     assert engine.lower_layer_start(cfg, conditions, job_rows, 12) == 2
     calls = []
-    store = engine._store
-    monkeypatch.setattr(engine, "_store", lambda *a, **k: calls.append(k["stop"]) or store(*a, **k))
+    prefix_pass, prefill, store = engine._forwards("cpu")
+    monkeypatch.setattr(engine, "_forwards", lambda platform: (
+        prefix_pass, prefill, lambda *a, **k: calls.append(k["stop"]) or store(*a, **k)))
     lm = LM(cfg, params, tokenizer=None, chat=False)
 
     def job():
@@ -325,3 +326,35 @@ def test_decode_compiles_without_cpu_library_fusions(tiny_job):
     sharded = fns.decode.lower(S.shard_params(params, cfg, layout), fns.empty(), fns.put_table(
         engine.stack_conditions(cfg, [engine.Condition()])), eos).compile().as_text()
     assert library_fusions(sharded) == 0
+
+
+def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
+    """On CPU the prefill and store passes (and collection) are compiled at LLVM -O1
+    (sharding.FORWARD_CPU_COMPILER_OPTIONS: about half the compile time); their outputs equal, bit for bit,
+    the same programs compiled with XLA's defaults, for rows under three conditions, one of them steered."""
+    import jax
+    import jax.numpy as jnp
+
+    _, cfg, params, prefix, rows, conds, eos, *_ = tiny_job
+    assert S.forward_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    assert S.forward_compiler_options("gpu") is None
+    r = np.arange(cfg.hidden_size, dtype=np.float64) - 3
+    conditions = [engine.Condition(m) for m in conds[:2]] + [engine.Condition(conds[2], direction=r, ablate=True)]
+    table = engine.put_host_table(engine.stack_conditions(cfg, conditions))
+    tokens, valid = (jnp.asarray(x) for x in left_pad([s for s, _ in rows[:6]], 12, 0))
+    cond = jnp.asarray([c for _, c in rows[:6]], jnp.int32)
+    stat = dict(cfg=cfg, dtype=jnp.float32)
+    ours_prefix, ours_prefill, ours_store = engine._forwards("cpu")
+    kv = ours_prefix(params, jnp.asarray(prefix, jnp.int32), table, **stat)
+    args = (params, kv, tokens, valid, cond, table, jnp.asarray([eos], jnp.int32))
+    fill = dict(stat, width=len(prefix) + 12, max_new_tokens=12)
+    default = {name: jax.jit(fn, static_argnames=tuple(kw)) for name, fn, kw in (
+        ("prefix", engine.prefix_fn, stat), ("prefill", engine.prefill_fn, fill),
+        ("store", engine.store_fn, dict(stat, stop=2)))}
+    pairs = [(kv, default["prefix"](params, jnp.asarray(prefix, jnp.int32), table, **stat)),
+             (ours_prefill(*args, **fill), default["prefill"](*args, **fill)),
+             (ours_store(*args[:6], **stat, stop=2), default["store"](*args[:6], **stat, stop=2))]
+    for ours, xla in pairs:
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(kv.k[:, 2]) - np.asarray(kv.k[:, 0])).max() > 0  # the steered prefix differs
