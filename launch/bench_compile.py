@@ -1,0 +1,90 @@
+"""X1 (no bar; on S1's path): the study's forward programs compiled at XLA:CPU's default LLVM -O2 against
+``sharding.FORWARD_CPU_COMPILER_OPTIONS`` (-O1), on SmolLM2-135M-Instruct's weights, one core.
+
+Programs, at the study's shapes: the cna stage's collection (32 rows of 24-token suffixes after a 30-token
+shared chat prefix, every layer's neurons at the last position and the residual stream), and the engine's
+prefix pass (the prefix under 64 conditions), prefill (24 rows of 40 tokens) and store pass (the same rows up to
+layer 20), under a 64-condition table with a steered row (directional ablation, activation addition) as the
+generation job has. Per program and option: the compile (``lower(...).compile()``, this process's compile cache
+off), then ``--repeats`` calls of each build alternated (median); gate: both builds' outputs bit-identical.
+
+    python launch/bench_compile.py      # about 4 min
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import interleaved, pin_one_core, sgemm_gflops  # noqa: E402  (launch/benchlib.py)
+
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("repeats", 5, "Timed calls per build (alternated; median).")
+flags.DEFINE_integer("core", 0, "The core this process is pinned to.")
+
+
+def main(argv):
+    del argv
+    F = flags.FLAGS
+    pin_one_core(F.core)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cna_jax import collect, engine, sharding
+    from cna_jax.lm import LM
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    rate = sgemm_gflops()
+    lm = LM.load("smollm2")
+    cfg, params, f32 = lm.cfg, lm.params, jnp.float32
+    packed = engine.packed_weights(lm)
+    rng = np.random.default_rng(0)
+    L, I, E, V = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size, cfg.vocab_size
+    c = 64
+    mult = np.ones((c, L, I), np.float32)
+    mult[1:, 20:] = rng.uniform(size=(c - 1, L - 20, I)) > 0.01
+    conditions = [engine.Condition(m) for m in mult[:-1]]
+    conditions.append(engine.Condition(direction=rng.standard_normal(E), ablate=True, add={12: -4.0}))
+    table = engine.put_host_table(engine.stack_conditions(cfg, conditions))
+    prefix = jnp.asarray(rng.integers(0, V, 30), jnp.int32)
+    # The prefill's prefix keys and values, from another program than the two timed below (XLA's products)
+    kv = jax.jit(engine.prefix_fn, static_argnames=("cfg", "dtype"))(params, prefix, table, cfg=cfg, dtype=f32)
+    p, t = 24, 40
+    tokens = jnp.asarray(rng.integers(0, V, (p, t)), jnp.int32)
+    valid = jnp.asarray(np.arange(t)[None] >= rng.integers(0, 16, (p, 1)))
+    cond = jnp.asarray(rng.integers(0, c, p), jnp.int32)
+    rows = (params, kv, tokens, valid, cond, table)
+    b, s = 32, 24
+    ctoks = jnp.asarray(rng.integers(0, V, (b, s)), jnp.int32)
+    cvalid = jnp.asarray(np.arange(s)[None] >= rng.integers(0, 12, (b, 1)))
+    programs = {  # name: (function, dynamic arguments, static keywords)
+        "collection": (collect.collect_fn, (params, ctoks, cvalid, jnp.full((b, 1), s - 1, jnp.int32),
+                                            jnp.ones((b, 1), bool), None, jnp.arange(0, L * I, 7, dtype=jnp.int32),
+                                            prefix), dict(cfg=cfg, residuals=True)),
+        "prefix pass": (engine.prefix_fn, (params, prefix, table, packed), dict(cfg=cfg, dtype=f32)),
+        "prefill": (engine.prefill_fn, rows + (jnp.asarray([2], jnp.int32), None, None, None, packed),
+                    dict(cfg=cfg, dtype=f32, width=30 + t, max_new_tokens=150)),
+        "store pass": (engine.store_fn, rows + (packed,), dict(cfg=cfg, dtype=f32, stop=20)),
+    }
+    print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s (-O2 -> -O1), run s median of {F.repeats} "
+          f"(-O2 -> -O1), outputs", flush=True)
+    for name, (fn, args, static) in programs.items():
+        builds, compile_s = [], []
+        for options in (None, sharding.forward_compiler_options("cpu")):
+            t0 = time.perf_counter()
+            builds.append(jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile(options))
+            compile_s.append(time.perf_counter() - t0)
+        outs = [jax.tree.leaves(jax.block_until_ready(x(*args))) for x in builds]
+        same = all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(*outs))
+        run = interleaved([lambda x=x: jax.block_until_ready(x(*args)) for x in builds], F.repeats)
+        print(f"| {name} | compile {compile_s[0]:.1f} -> {compile_s[1]:.1f} s ({compile_s[1] / compile_s[0]:.2f}) "
+              f"| run {run[0]:.3f} -> {run[1]:.3f} s ({run[1] / run[0]:.3f}) | "
+              f"{'bit-identical' if same else 'DIFFERENT'} |", flush=True)
+        if not same:
+            raise SystemExit(f"{name}: the -O1 build's outputs differ from the -O2 build's")
+
+
+if __name__ == "__main__":
+    app.run(main)
