@@ -539,7 +539,6 @@ def sharded_functions(cfg: ModelConfig, layout, dtype, slots: int, width: int, m
     over ``tensor`` (like the MLP weights), each layer's KV cache in the ``CACHE_AXES`` shardings less the layer
     axis (:func:`split_layers`). Prefilled rows are split over the batch axes when their count divides, else
     replicated."""
-
     b_, kv_, len_, d_ = CACHE_AXES[1:]  # one layer's keys and values [S, K, W, D]
     b1, b2, rep = layout.batch(1), layout.batch(2), layout.replicated()
     n = cfg.num_hidden_layers

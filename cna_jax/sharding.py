@@ -334,10 +334,11 @@ def cache_bytes_per_device(cfg: ModelConfig, layout: Layout, batch: int, slots: 
 # ---------------------------------------------------------------------------------------------------
 # XLA:CPU spends most of a forward program's compile in LLVM, optimising each of its hundreds of fusions (30
 # unrolled layers of norms, rotary products, masks and steering). At LLVM's -O1 instead of the default -O2 the
-# study's prefill, store and collection programs compiled in 36-65% of the time and computed the same bits, at
-# +1-3% run time (one core, SmolLM2 shapes, BENCHMARKS.md). Their run time is mostly the weight products
-# (library or packed-kernel calls, compiled once), and most such programs run a few dozen times per job while
-# each compile costs 10-30 s. The decode step, which runs thousands of times, keeps -O2.
+# study's collection, prefix, prefill and store programs compiled in 0.33-0.68x the time and computed the same
+# bits, their run times within 1.5% (one core, SmolLM2 at the study's shapes: BENCHMARKS.md, X1). Their run
+# time is mostly the weight products (library or packed-kernel calls, compiled once), and such a program runs
+# a few dozen times per job while each compile costs 10-30 s. The decode step, which runs thousands of times
+# per job, keeps its own options (cna_jax.engine.DECODE_CPU_COMPILER_OPTIONS).
 FORWARD_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

@@ -329,14 +329,17 @@ def test_decode_compiles_without_cpu_library_fusions(tiny_job):
 
 
 def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
-    """On CPU the prefill and store passes (and collection) are compiled at LLVM -O1
-    (sharding.FORWARD_CPU_COMPILER_OPTIONS: about half the compile time); their outputs equal, bit for bit,
-    the same programs compiled with XLA's defaults, for rows under three conditions, one of them steered."""
+    """On CPU the prefix, prefill and store passes and the collection program are compiled at LLVM -O1
+    (sharding.FORWARD_CPU_COMPILER_OPTIONS: about half the compile time, BENCHMARKS.md X1), on one device
+    and on a mesh; their outputs equal, bit for bit, the same programs compiled with XLA's defaults, for rows
+    under three conditions, one of them steered."""
     import jax
     import jax.numpy as jnp
 
+    from cna_jax import collect
+
     _, cfg, params, prefix, rows, conds, eos, *_ = tiny_job
-    assert S.forward_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    o1 = (("xla_backend_optimization_level", 1),)
     assert S.forward_compiler_options("gpu") is None
     r = np.arange(cfg.hidden_size, dtype=np.float64) - 3
     conditions = [engine.Condition(m) for m in conds[:2]] + [engine.Condition(conds[2], direction=r, ablate=True)]
@@ -354,7 +357,26 @@ def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
     pairs = [(kv, default["prefix"](params, jnp.asarray(prefix, jnp.int32), table, **stat)),
              (ours_prefill(*args, **fill), default["prefill"](*args, **fill)),
              (ours_store(*args[:6], **stat, stop=2), default["store"](*args[:6], **stat, stop=2))]
+    node_index = jnp.arange(0, cfg.num_hidden_layers * cfg.intermediate_size, 5, dtype=jnp.int32)
+    last = jnp.full((6, 1), 11, jnp.int32)
+    coll = (params, tokens, valid, last, jnp.ones((6, 1), bool), None, node_index, jnp.asarray(prefix, jnp.int32))
+    pairs.append((collect.collect_batch(*coll, cfg=cfg, residuals=True),
+                  jax.jit(collect.collect_fn, static_argnames=("cfg", "residuals"))(*coll, cfg=cfg, residuals=True)))
     for ours, xla in pairs:
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(kv.k[:, 2]) - np.asarray(kv.k[:, 0])).max() > 0  # the steered prefix differs
+    # The options reach the compiles: the programs' lowerings carry them, on one device and on a mesh (the
+    # decode step's carry its own).
+    layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
+    fns = engine.sharded_functions(cfg, layout, jnp.float32, 4, len(prefix) + 24, 12, 2)
+    on_mesh = collect.sharded_collect(cfg, S.make_layout(cfg, S.make_mesh((2, 1, 1), jax.devices()[:2]), "collection"))
+    lowered = [ours_prefill.lower(*args, **fill), ours_store.lower(*args[:6], **stat, stop=2),
+               collect._collect_jit("cpu").lower(*coll, cfg=cfg, residuals=True), on_mesh.lower(*coll),
+               fns.prefix.lower(S.shard_params(params, cfg, layout), jnp.asarray(prefix, jnp.int32),
+                                fns.put_table(engine.stack_conditions(cfg, conditions)))]
+    for low in lowered:
+        assert low._lowering._compiler_options_kvs == o1
+    state = engine.single_device_functions(cfg, jnp.float32, 4, len(prefix) + 24, 12, 2).empty()
+    decode = engine._decode("cpu").lower(params, state, table, jnp.asarray([eos], jnp.int32), **stat, steps=2)
+    assert dict(decode._lowering._compiler_options_kvs) == engine.DECODE_CPU_COMPILER_OPTIONS
