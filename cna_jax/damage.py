@@ -109,7 +109,7 @@ def use_row_kernels(lm) -> bool:
     """Whether :func:`kl_along` runs its KL through the CPU kernel (on CPU, when built;
     XLA's ops elsewhere): the KL of 600 positions (4 rows x 150) over a 49k vocabulary takes ~40 ms instead
     of ~380 ms on one core."""
-    platform = jax.default_backend() if lm.layout is None else lm.layout.mesh.devices.flat[0].platform
+    platform = jax.default_backend() if lm.layout is None else lm.layout.platform
     return platform == "cpu" and cpu_kernels.row_kl_enabled()
 
 

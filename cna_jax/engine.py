@@ -457,7 +457,7 @@ def packed_weights(lm) -> dict | None:
     replicated like the weights and each device multiplies its own rows (``_packed_dense`` in the model).
     Packed once per params object; the last model's copy is kept for the next job (about the size of its
     float32 weights, on every device)."""
-    on_cpu = (jax.default_backend() if lm.layout is None else lm.layout.mesh.devices.flat[0].platform) == "cpu"
+    on_cpu = (jax.default_backend() if lm.layout is None else lm.layout.platform) == "cpu"
     if not on_cpu or jnp.dtype(lm.dtype) != jnp.float32 or not cpu_kernels.matmul_enabled():
         return None
     if lm.layout is not None and not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(lm.params)):
@@ -521,13 +521,13 @@ class Functions:
 
 def single_device_functions(cfg: ModelConfig, dtype, slots: int, width: int, max_new_tokens: int, chunk: int
                             ) -> Functions:
-    stat = dict(cfg=cfg, dtype=dtype)
-    prefix, prefill, store = _forwards(jax.default_backend())
+    stat, platform = dict(cfg=cfg, dtype=dtype), jax.default_backend()
+    prefix, prefill, store = _forwards(platform)
     return Functions(
         empty=functools.partial(_empty_state, slots=slots, width=width, max_new_tokens=max_new_tokens, **stat),
         prefix=functools.partial(prefix, **stat),
         prefill=functools.partial(prefill, width=width - max_new_tokens, max_new_tokens=max_new_tokens, **stat),
-        place=_place, decode=functools.partial(_decode(jax.default_backend()), steps=chunk, **stat), retire=_retire,
+        place=_place, decode=functools.partial(_decode(platform), steps=chunk, **stat), retire=_retire,
         put_rows=lambda *a: tuple(jnp.asarray(x) for x in a),
         put_table=put_host_table, store=functools.partial(store, **stat))
 

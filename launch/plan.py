@@ -269,7 +269,7 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
     else:
         cache = compiled_cache = 0
 
-    on_cpu = layout.mesh.devices.flat[0].platform == "cpu"
+    on_cpu = layout.platform == "cpu"
     depth = cfg.num_hidden_layers
     if probe and program == "generation" and depth > PROBE_DEPTHS[-1]:
         (d1, d2) = PROBE_DEPTHS
@@ -297,7 +297,7 @@ def plan_program(cfg, layout, program: str, *, batch: int, context: int, new_tok
             kv_heads=layout.kv_heads, batch=batch, context=context, params=int(param_bytes), kv_cache=int(cache),
             arguments=arguments, outputs=outputs, temporaries=temps, aliased=aliased,
             total=int(round(inputs + outputs + temps - aliased)), device_memory=int(device_memory),
-            headroom=headroom, platform=layout.mesh.devices.flat[0].platform, compile_s=m["compile_s"],
+            headroom=headroom, platform=layout.platform, compile_s=m["compile_s"],
             compile_dtype=cdtype.name, call=call))
     peak = max(plans, key=lambda r: r.total)
     return dataclasses.replace(peak, compile_s=sum(r.compile_s for r in plans))
