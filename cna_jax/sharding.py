@@ -352,7 +352,7 @@ class ShardedFunction:
 
     Call it like the function (without the static keywords; dynamic arguments by position or by name);
     ``lower(*args)`` works on arrays or ``jax.ShapeDtypeStruct`` (AOT compilation, :mod:`launch.plan`).
-    Dynamic arguments left out are None (optional arguments such as collection's ``prefix_tokens``, the
+    Dynamic arguments left out are None (optional arguments such as collection's ``prefix_kv``, the
     engine's ``packed``). ``donate``: positions of
     dynamic arguments whose buffers the outputs may reuse (``jax.jit``'s ``donate_argnums``);
     ``compiler_options``: XLA options for this function's compiles (``jax.jit``'s).

@@ -5,7 +5,7 @@ forward of the same padded batches (full prompts) returning last-token logits: t
 neurons out.
 
 C2, end to end: the public ``collect(lm, prompts, nodes=<47 nodes>, batch_size=32)`` (prompts encoded,
-the shared chat-template prefix run once per batch, suffixes sorted by length and bucketed to
+the shared chat-template prefix run once (its own program), suffixes sorted by length and bucketed to
 multiples of 8) vs HF the usual way: the same prompts in their given order, batches of 32 left-padded
 to each batch's longest prompt (what a tokenizer with ``padding=True`` gives), ``hf.model`` under
 no_grad with a ``down_proj`` forward pre-hook on every layer keeping the last-token input, reduced to
@@ -110,13 +110,13 @@ def main(argv):
     assert first.count == n and first.row_prompt.tolist() == list(range(n))
     print(f"C2 gate passed: node matrix, means and mean squares within 1e-4 of the hook for all {n} prompts")
 
-    # Tokens each side computes (ours: the prefix once per batch + the bucketed suffix batches).
+    # Tokens each side computes (ours: the prefix once + the bucketed suffix batches).
     shared = first.meta["shared_prefix_tokens"]
     suffix_shapes = [tok.shape for _, tok, _ in padded_batches([x[shared:] for x in ids], F.batch, lm.pad_id(),
                                                                multiple=lm.batch_multiple(),
                                                                length_multiple=COLLECT_LENGTH_MULTIPLE)]
     assert shared == shared_prefix_length(ids)
-    ours_tokens = sum(shared + b * t for b, t in suffix_shapes)
+    ours_tokens = shared + sum(b * t for b, t in suffix_shapes)
     hf_tokens = sum(int(tok.numel()) for tok, _, _ in hf_batches)
     res.update(shared_prefix_tokens=shared, suffix_shapes=[list(s) for s in suffix_shapes],
                c2_ours_computed_tokens=ours_tokens, c2_hf_computed_tokens=hf_tokens,

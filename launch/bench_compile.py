@@ -2,7 +2,8 @@
 ``sharding.FORWARD_CPU_COMPILER_OPTIONS`` (-O1), on SmolLM2-135M-Instruct's weights, one core.
 
 Programs, at the study's shapes: the cna stage's collection (32 rows of 24-token suffixes after a 30-token
-shared chat prefix, every layer's neurons at the last position and the residual stream), and the engine's
+shared chat prefix, every layer's neurons at the last position and the residual stream; the prefix's own
+batch-1 pass is a program of its own), and the engine's
 prefix pass (the prefix under 64 conditions), prefill (24 rows of 40 tokens) and store pass (the same rows up to
 layer 20), under a 64-condition table with a steered row (directional ablation, activation addition) as the
 generation job has. Per program and option: the compile (``lower(...).compile()``, this process's compile cache
@@ -57,12 +58,14 @@ def main(argv):
     cond = jnp.asarray(rng.integers(0, c, p), jnp.int32)
     rows = (params, kv, tokens, valid, cond, table)
     b, s = 32, 24
+    ckv = jax.jit(collect.prefix_fn, static_argnames=("cfg",))(params, prefix, None, cfg=cfg)  # the batches' prefix
     ctoks = jnp.asarray(rng.integers(0, V, (b, s)), jnp.int32)
     cvalid = jnp.asarray(np.arange(s)[None] >= rng.integers(0, 12, (b, 1)))
     programs = {  # name: (function, dynamic arguments, static keywords)
         "collection": (collect.collect_fn, (params, ctoks, cvalid, jnp.full((b, 1), s - 1, jnp.int32),
                                             jnp.ones((b, 1), bool), None, jnp.arange(0, L * I, 7, dtype=jnp.int32),
-                                            prefix), dict(cfg=cfg, residuals=True)),
+                                            ckv), dict(cfg=cfg, residuals=True)),
+        "collection prefix": (collect.prefix_fn, (params, prefix, None), dict(cfg=cfg)),
         "prefix pass": (engine.prefix_fn, (params, prefix, table, packed), dict(cfg=cfg, dtype=f32)),
         "prefill": (engine.prefill_fn, rows + (jnp.asarray([2], jnp.int32), None, None, None, packed),
                     dict(cfg=cfg, dtype=f32, width=30 + t, max_new_tokens=150)),

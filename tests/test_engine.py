@@ -329,7 +329,7 @@ def test_decode_compiles_without_cpu_library_fusions(tiny_job):
 
 
 def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
-    """On CPU the prefix, prefill and store passes and the collection program are compiled at LLVM -O1
+    """On CPU the prefix, prefill and store passes and the collection programs (prefix, batch) are compiled at LLVM -O1
     (sharding.FORWARD_CPU_COMPILER_OPTIONS: about half the compile time, BENCHMARKS.md X1), on one device
     and on a mesh; their outputs equal, bit for bit, the same programs compiled with XLA's defaults, for rows
     under three conditions, one of them steered."""
@@ -359,7 +359,10 @@ def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
              (ours_store(*args[:6], **stat, stop=2), default["store"](*args[:6], **stat, stop=2))]
     node_index = jnp.arange(0, cfg.num_hidden_layers * cfg.intermediate_size, 5, dtype=jnp.int32)
     last = jnp.full((6, 1), 11, jnp.int32)
-    coll = (params, tokens, valid, last, jnp.ones((6, 1), bool), None, node_index, jnp.asarray(prefix, jnp.int32))
+    pre = (params, jnp.asarray(prefix, jnp.int32), None)
+    coll_kv = collect.collect_prefix(*pre, cfg=cfg)
+    pairs.append((coll_kv, jax.jit(collect.prefix_fn, static_argnames=("cfg",))(*pre, cfg=cfg)))
+    coll = (params, tokens, valid, last, jnp.ones((6, 1), bool), None, node_index, coll_kv)
     pairs.append((collect.collect_batch(*coll, cfg=cfg, residuals=True),
                   jax.jit(collect.collect_fn, static_argnames=("cfg", "residuals"))(*coll, cfg=cfg, residuals=True)))
     for ours, xla in pairs:
@@ -370,9 +373,11 @@ def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
     # decode step's carry its own).
     layout = S.make_layout(cfg, S.make_mesh((4, 1, 2)), "generation")
     fns = engine.sharded_functions(cfg, layout, jnp.float32, 4, len(prefix) + 24, 12, 2)
-    on_mesh = collect.sharded_collect(cfg, S.make_layout(cfg, S.make_mesh((2, 1, 1), jax.devices()[:2]), "collection"))
+    two = S.make_layout(cfg, S.make_mesh((2, 1, 1), jax.devices()[:2]), "collection")
     lowered = [ours_prefill.lower(*args, **fill), ours_store.lower(*args[:6], **stat, stop=2),
-               collect._collect_jit("cpu").lower(*coll, cfg=cfg, residuals=True), on_mesh.lower(*coll),
+               collect._jits("cpu")[0].lower(*coll, cfg=cfg, residuals=True),
+               collect._jits("cpu")[1].lower(*pre, cfg=cfg),
+               collect.sharded_collect(cfg, two).lower(*coll), collect.sharded_prefix(cfg, two).lower(*pre),
                fns.prefix.lower(S.shard_params(params, cfg, layout), jnp.asarray(prefix, jnp.int32),
                                 fns.put_table(engine.stack_conditions(cfg, conditions)))]
     for low in lowered:

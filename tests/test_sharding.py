@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cna_jax import convert, engine, sharding as S
-from cna_jax.collect import collect_fn, sharded_collect
+from cna_jax.collect import collect_fn, prefix_fn, sharded_collect, sharded_prefix
 from cna_jax.batching import left_pad
 from cna_jax.lm import LM
 from cna_jax.models import forward
@@ -99,8 +99,8 @@ def test_sharded_equals_single_device(tiny, shape):
 
 @pytest.mark.parametrize("shape", [(2, 1, 4), (8, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_sharded_collect_with_shared_prefix(tiny, shape):
-    """Collection with a shared prefix (run once at batch 1, its keys and values read by the batch-split rows)
-    on a mesh = one device with the prefix = one device on the full prompts."""
+    """Collection with a shared prefix (its own batch-1 program, its keys and values replicated and read by the
+    batch-split rows) on a mesh = one device with the prefix = one device on the full prompts."""
     path, cfg, params, x, _ = tiny
     rng = np.random.default_rng(3)
     prefix = rng.integers(0, cfg.vocab_size, 6).astype(np.int32)
@@ -112,11 +112,14 @@ def test_sharded_collect_with_shared_prefix(tiny, shape):
     last2 = lambda t: np.broadcast_to(np.arange(t - 2, t, dtype=np.int32), (8, 2)).copy()  # noqa: E731
     single = jax.jit(collect_fn, static_argnames=("cfg", "dtype"))
     want = single(params, full_tokens, full_valid, last2(18), sel_valid, x["mult"], x["node_index"], cfg=cfg)
-    got1 = single(params, tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"], prefix, cfg=cfg)
+    kv = jax.jit(prefix_fn, static_argnames=("cfg", "dtype"))(params, prefix, x["mult"], cfg=cfg)
+    got1 = single(params, tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"], kv, cfg=cfg)
     layout = S.make_layout(cfg, S.make_mesh(shape), "collection", kv_heads="replicate", batch=8)
     fn = sharded_collect(cfg, layout)
-    got = fn(S.shard_params(params, cfg, layout), tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"],
-             prefix)
+    sharded_params = S.shard_params(params, cfg, layout)
+    kv_mesh = sharded_prefix(cfg, layout)(sharded_params, prefix, x["mult"])
+    assert kv_mesh.k.sharding.is_fully_replicated
+    got = fn(sharded_params, tokens, valid, last2(12), sel_valid, x["mult"], x["node_index"], kv_mesh)
     for g, g1, w in zip(got, got1, want):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(w), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
