@@ -6,7 +6,9 @@
   ``--old_length_multiple`` (both from the first changed layer);
 * ``--compare=settle`` (P3): rows stopping on a byte-level tokenizer's settled text (the whole decode less
   an incomplete last character, ``LM.byte_level_decode``) against any tokenizer's (less 2 tokens and 8
-  characters).
+  characters);
+* ``--compare=chunk`` (P4): decode chunks of ``--chunk`` steps against ``engine.DECODE_CHUNK`` (a row's stop
+  rule is asked between chunks, so a settled row decodes up to chunk - 1 steps more).
 
 Workload: a slice of a finished study's generation job (``--workdir``, the README main command's): the
 held-out harmful prompts under none, the CNA set, the two graph subsets and the first ``--nulls`` layer-matched
@@ -15,7 +17,7 @@ and uniform null subsets (half each), the rows stopping once their refusal flag 
 devices (``config.cpu_devices``: one per core) with its slots.
 
 Gate: identical tokens per row on both paths (P2: a row's prefill keys and values differ in their last bits
-at another padding); P3: each row's tokens a prefix of the other path's, every refusal flag the same.
+at another padding); P3, P4: each row's tokens a prefix of the other path's, every refusal flag the same.
 Timing: one warm-up job per path (compiles apart), then ``--repeats`` timed jobs per path, alternated, median.
 
     python launch/bench_prefill.py --workdir=workdir/study     # about 7 min on 2 cores
@@ -39,11 +41,12 @@ config_flags.DEFINE_config_file("config", "configs/smollm2_testbed.py", "The stu
 flags.DEFINE_string("workdir", "workdir/study", "A finished study's workdir (its cna, graph and activation stages).")
 flags.DEFINE_integer("nulls", 10, "Null subsets in the slice (half layer-matched, half uniform).")
 flags.DEFINE_integer("repeats", 1, "Timed jobs per path (median).")
-flags.DEFINE_enum("compare", "first_layer", ["first_layer", "length_multiple", "settle"],
+flags.DEFINE_enum("compare", "first_layer", ["first_layer", "length_multiple", "settle", "chunk"],
                   "first_layer (P1): from the first changed layer vs every layer; length_multiple (P2): "
                   "engine.JOB_LENGTH_MULTIPLE vs --old_length_multiple; settle (P3): the byte-level settled "
-                  "text vs any tokenizer's")
+                  "text vs any tokenizer's; chunk (P4): --chunk decode steps per call vs engine.DECODE_CHUNK")
 flags.DEFINE_integer("old_length_multiple", 16, "P2: the length buckets compared against (16 before 1fb037d).")
+flags.DEFINE_integer("chunk", 2, "P4: decode steps per call compared against engine.DECODE_CHUNK.")
 
 
 def main(argv):
@@ -61,6 +64,8 @@ def main(argv):
 
     if F.compare == "length_multiple" and F.old_length_multiple == engine.JOB_LENGTH_MULTIPLE:
         raise app.UsageError(f"--old_length_multiple={F.old_length_multiple} is engine.JOB_LENGTH_MULTIPLE already")
+    if F.compare == "chunk" and F.chunk == engine.DECODE_CHUNK:
+        raise app.UsageError(f"--chunk={F.chunk} is engine.DECODE_CHUNK already")
     gflops = sgemm_gflops()
     s = Study(c, F.workdir, progress=False)
     pool = s.stage_cna()
@@ -85,26 +90,31 @@ def main(argv):
                           settled_stop(c.generation.detector, lm.decode, False, byte_level))
              for byte_level in (False, lm.byte_level_decode)}
 
-    # A path: (from the first changed layer?, length buckets, byte-level settled text?); the new path first.
-    byte_level = lm.byte_level_decode
+    # A path: (from the first changed layer?, length buckets, byte-level settled text?, decode chunk); the new
+    # path first.
+    byte_level, mult, chunk = lm.byte_level_decode, engine.JOB_LENGTH_MULTIPLE, engine.DECODE_CHUNK
     if F.compare == "first_layer":
-        paths = {"from first changed layer": (True, engine.JOB_LENGTH_MULTIPLE, byte_level),
-                 "every layer": (False, engine.JOB_LENGTH_MULTIPLE, byte_level)}
+        paths = {"from first changed layer": (True, mult, byte_level, chunk),
+                 "every layer": (False, mult, byte_level, chunk)}
     elif F.compare == "length_multiple":
-        paths = {f"{engine.JOB_LENGTH_MULTIPLE}-token buckets": (True, engine.JOB_LENGTH_MULTIPLE, byte_level),
-                 f"{F.old_length_multiple}-token buckets": (True, F.old_length_multiple, byte_level)}
+        paths = {f"{mult}-token buckets": (True, mult, byte_level, chunk),
+                 f"{F.old_length_multiple}-token buckets": (True, F.old_length_multiple, byte_level, chunk)}
+    elif F.compare == "chunk":
+        paths = {f"chunks of {F.chunk}": (True, mult, byte_level, F.chunk),
+                 f"chunks of {chunk}": (True, mult, byte_level, chunk)}
     else:
-        paths = {"byte-level settled text": (True, engine.JOB_LENGTH_MULTIPLE, True),
-                 "any tokenizer's settled text": (True, engine.JOB_LENGTH_MULTIPLE, False)}
+        paths = {"byte-level settled text": (True, mult, True, chunk),
+                 "any tokenizer's settled text": (True, mult, False, chunk)}
 
     def job(path, rows=rows):
-        from_first_changed_layer, length_multiple, byte_level = paths[path]
+        from_first_changed_layer, length_multiple, byte_level, chunk = paths[path]
         scored, flagged = stops[byte_level]
         t = time.perf_counter()
         out = engine.run(lm, rows, conds, max_new_tokens=c.generation.max_new_tokens, slots=c.generation.batch_size,
                          prefix=np.asarray(prefix).tolist(), min_table_rows=len(conds),
                          stop=lambda r, tok: (flagged if rows[r][1] >= 4 else scored)(tok),
-                         from_first_changed_layer=from_first_changed_layer, length_multiple=length_multiple)
+                         from_first_changed_layer=from_first_changed_layer, length_multiple=length_multiple,
+                         chunk=chunk)
         return time.perf_counter() - t, out
 
     # The store's columns: the job's longest suffix in engine.run's length buckets (its default length_multiple).
@@ -129,7 +139,7 @@ def main(argv):
             print(f"  {path:>24}: {dt:.1f} s")
     a, b = paths
     new, old = statistics.median(times[a]), statistics.median(times[b])
-    if F.compare == "settle":
+    if F.compare in ("settle", "chunk"):
         flagged_rows = [refusal_report([lm.decode(t) for t in outs[p]], detector=c.generation.detector).flags
                         for p in paths]
         prefix_rows = sum(y[:len(x)] == x for x, y in zip(outs[a], outs[b]))
@@ -139,7 +149,7 @@ def main(argv):
     else:
         same = sum(x == y for x, y in zip(outs[a], outs[b]))
         print(f"gate: {same}/{len(rows)} rows identical; tokens {sum(map(len, outs[a]))}")
-    bar = {"first_layer": "P1", "length_multiple": "P2", "settle": "P3"}[F.compare]
+    bar = {"first_layer": "P1", "length_multiple": "P2", "settle": "P3", "chunk": "P4"}[F.compare]
     print(f"{bar}: {new:.1f} s vs {old:.1f} s {b}: {old / new:.2f}x (SGEMM {sgemm_gflops():.1f} GFLOP/s after)")
 
 
