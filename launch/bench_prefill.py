@@ -1,4 +1,4 @@
-"""P1 / P2 / P3 (no bars; on S1's path): the study's generation job, in one process on the study's devices.
+"""P1 / P2 / P3 / P4 (no bars; on S1's path): the study's generation job, in one process on the study's devices.
 
 * ``--compare=first_layer`` (P1): rows prefilled from the first layer their condition changes, against every
   row through every layer;
