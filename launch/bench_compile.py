@@ -6,10 +6,12 @@ shared chat prefix, every layer's neurons at the last position and the residual 
 batch-1 pass is a program of its own), and the engine's
 prefix pass (the prefix under 64 conditions), prefill (24 rows of 40 tokens) and store pass (the same rows up to
 layer 20), under a 64-condition table with a steered row (directional ablation, activation addition) as the
-generation job has. Per program and option: the compile (``lower(...).compile()``, this process's compile cache
-off), then ``--repeats`` calls of each build alternated (median); gate: both builds' outputs bit-identical.
+generation job has; and the damage stage's KL pass (4 rows of 192 tokens, KL at 150 positions from layer 23).
+Per program and option: the compile (``lower(...).compile()``, this process's compile cache off; each build
+twice, alternated, the faster), then ``--repeats`` calls of each build alternated (median); gate: both builds'
+outputs bit-identical.
 
-    python launch/bench_compile.py      # about 4 min
+    python launch/bench_compile.py      # about 8 min; --programs="KL pass" for one of them
 """
 import os
 import sys
@@ -23,17 +25,24 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_integer("repeats", 5, "Timed calls per build (alternated; median).")
 flags.DEFINE_integer("core", 0, "The core this process is pinned to.")
+flags.DEFINE_string("programs", "", "Comma-separated program names to measure (default: all).")
+
+
+PROGRAMS = ("collection", "collection prefix", "prefix pass", "prefill", "store pass", "KL pass")
 
 
 def main(argv):
     del argv
     F = flags.FLAGS
+    unknown = [n for n in F.programs.split(",") if n not in PROGRAMS] if F.programs else []
+    if unknown:  # before the model loads
+        raise SystemExit(f"--programs: unknown {unknown}; the programs are {list(PROGRAMS)}")
     pin_one_core(F.core)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from cna_jax import collect, engine, sharding
+    from cna_jax import collect, damage, engine, sharding
     from cna_jax.lm import LM
 
     jax.config.update("jax_enable_compilation_cache", False)
@@ -61,6 +70,13 @@ def main(argv):
     ckv = jax.jit(collect.prefix_fn, static_argnames=("cfg",))(params, prefix, None, cfg=cfg)  # the batches' prefix
     ctoks = jnp.asarray(rng.integers(0, V, (b, s)), jnp.int32)
     cvalid = jnp.asarray(np.arange(s)[None] >= rng.integers(0, 12, (b, 1)))
+    kb, kt, kn = 4, 192, 150
+    kvalid = jnp.asarray(np.arange(kt)[None] >= rng.integers(0, 24, (kb, 1)))
+    res = damage.residuals_fn(params, jnp.asarray(rng.integers(0, V, (kb, kt)), jnp.int32), kvalid, cfg=cfg,
+                              dtype=f32, grid=1)
+    kselect = jnp.asarray(np.broadcast_to(np.arange(kt - kn - 1, kt - 1), (kb, kn)), jnp.int32)
+    ktable = engine.put_host_table(engine.stack_conditions(cfg, [conditions[1], engine.Condition()], steering=True))
+    ref = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((kb, kn, V)), jnp.float32), axis=-1)
     programs = {  # name: (function, dynamic arguments, static keywords)
         "collection": (collect.collect_fn, (params, ctoks, cvalid, jnp.full((b, 1), s - 1, jnp.int32),
                                             jnp.ones((b, 1), bool), None, jnp.arange(0, L * I, 7, dtype=jnp.int32),
@@ -70,16 +86,26 @@ def main(argv):
         "prefill": (engine.prefill_fn, rows + (jnp.asarray([2], jnp.int32), None, None, None, packed),
                     dict(cfg=cfg, dtype=f32, width=30 + t, max_new_tokens=150)),
         "store pass": (engine.store_fn, rows + (packed,), dict(cfg=cfg, dtype=f32, stop=20)),
+        # The damage stage's KL pass: 4 rows of 192 tokens, KL at 150 positions, the CNA set's first changed
+        # layer as its start, the residual streams of every layer kept (one core's share of a batch of 8).
+        "KL pass": (damage.kl_fn, (ref, params, res, jnp.int32(23), kvalid, kselect, ktable,
+                                   jnp.zeros((kb,), jnp.int32)),
+                    dict(cfg=cfg, dtype=f32, grid=1, kernel=damage.use_row_kernels(lm))),
     }
+    assert tuple(programs) == PROGRAMS
+    if F.programs:
+        programs = {k: v for k, v in programs.items() if k in F.programs.split(",")}
     print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s (-O2 -> -O1), run s median of {F.repeats} "
           f"(-O2 -> -O1), outputs", flush=True)
     for name, (fn, args, static) in programs.items():
-        builds, compile_s = [], []
-        for options in (None, sharding.forward_compiler_options("cpu")):
+        builds, compile_s = [None, None], [float("inf")] * 2
+        # Each build compiled twice, alternated (a process's first compiles pay one-time costs); the faster counts.
+        for k in (0, 1, 0, 1):
             jax.clear_caches()  # the in-memory executables too (the collection's prefix was compiled for its args)
             t0 = time.perf_counter()
-            builds.append(jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile(options))
-            compile_s.append(time.perf_counter() - t0)
+            options = sharding.forward_compiler_options("cpu") if k else None
+            builds[k] = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile(options)
+            compile_s[k] = min(compile_s[k], time.perf_counter() - t0)
         outs = [jax.tree.leaves(jax.block_until_ready(x(*args))) for x in builds]
         same = all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(*outs))
         run = interleaved([lambda x=x: jax.block_until_ready(x(*args)) for x in builds], F.repeats)
