@@ -6,7 +6,8 @@ shared chat prefix, every layer's neurons at the last position and the residual 
 batch-1 pass is a program of its own), and the engine's
 prefix pass (the prefix under 64 conditions), prefill (24 rows of 40 tokens) and store pass (the same rows up to
 layer 20), under a 64-condition table with a steered row (directional ablation, activation addition) as the
-generation job has; and the damage stage's KL pass (4 rows of 192 tokens, KL at 150 positions from layer 23).
+generation job has; and the damage stage's KL pass (4 rows of 192 tokens, KL at 150 positions from layer 23),
+which the study compiles at XLA's defaults (measured here as a candidate).
 Per program and option: the compile (``lower(...).compile()``, this process's compile cache off; each build
 twice, alternated, the faster), then ``--repeats`` calls of each build alternated (median); gate: both builds'
 outputs bit-identical.
