@@ -38,7 +38,9 @@ residual entering s once, and those rows' prefill runs only layers s..L-1 from t
 Compiled shapes per job: one prefix pass, one decode chunk, one place, one retire (only with ``stop``),
 one prefill per length bucket the job's suffixes fall in (with the study's 8-token buckets: 2 for
 its 12-21-token suffixes, 16 and 24), and with a store one store pass and one more prefill per bucket; all are cached
-across jobs with the same (S, T, Q, C bucket, max_new_tokens, s).
+across jobs with the same (S, T, Q, C bucket, max_new_tokens, s). With the CPU kernel's packed weights the
+prefix, store and prefill passes run their layers as one ``lax.scan`` over stacked panels (:func:`_scanned`:
+a SmolLM2 prefill compiles in ~2 s instead of ~6-14, the same bits); the decode chunk keeps them unrolled.
 ``run(..., min_table_rows=)`` gives jobs with different numbers of conditions one C bucket, so they share
 them (the study's generation and sweeps jobs).
 
@@ -201,6 +203,14 @@ def _variables(params, packed) -> dict:
     return {"params": params} if packed is None else {"params": params, "packed": packed}
 
 
+def _scanned(packed) -> bool:
+    """Whether the prefix, store and prefill passes run their layers as a scan (Decoder's ``scan_layers``):
+    over the stacked panels of :func:`packed_weights` (9x less compile). Without them (accelerators, XLA's
+    dots) the layers stay unrolled, as the decode step's always do: there a layer's panels copied out of
+    the stack, ~1.4 ms a SmolLM2 layer, would cost ~20% of a 48-row step."""
+    return packed is not None and "layers" in packed
+
+
 def prefix_fn(params, prefix_tokens, table, packed=None, *, cfg: ModelConfig, dtype, cache_sharding=None
               ) -> KVCache:
     """Keys/values ``[L, C, K, Q, D]`` of the shared prefix [Q] under each of the C conditions.
@@ -212,7 +222,7 @@ def prefix_fn(params, prefix_tokens, table, packed=None, *, cfg: ModelConfig, dt
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool))[None], (c, q, q))
     out = Decoder(cfg, dtype, cache_sharding).apply(_variables(params, packed), tokens, positions, mask,
                                                     cache=KVCache.zeros(cfg, c, q, dtype, cache_sharding),
-                                                    cache_slot=0, return_logits=False,
+                                                    cache_slot=0, return_logits=False, scan_layers=_scanned(packed),
                                     intervention=Intervention(*table, jnp.arange(c, dtype=jnp.int32)))
     return out.cache
 
@@ -258,7 +268,8 @@ def store_fn(params, prefix_kv, tokens, valid, cond, table, packed=None, *, cfg:
     cache, _, mask, q = _prompt_inputs(cfg, dtype, prefix_kv, valid, cond, cache_sharding)
     out = Decoder(cfg, dtype, cache_sharding).apply(
         _variables(params, packed), tokens, q + padding_positions(valid), mask, None, cache, q, return_logits=False,
-        return_residuals=True, residual_layers=(stop,), stop=stop, intervention=Intervention(*table, cond))
+        return_residuals=True, residual_layers=(stop,), stop=stop, intervention=Intervention(*table, cond),
+        scan_layers=_scanned(packed))
     return KVCache(*(x[:stop, :, :, q:] for x in out.cache)), out.residuals[0]
 
 
@@ -288,7 +299,8 @@ def prefill_fn(params, prefix_kv, tokens, valid, cond, table, eos_ids, store_kv=
         residual = jnp.take(store_res, store_idx, axis=0)[:, cut:]
     out = model.apply(_variables(params, packed), tokens, q + padding_positions(valid), mask, None, cache, q,
                       select=jnp.full((p, 1), t - 1, jnp.int32),
-                      intervention=Intervention(*table, cond), start=start or None, residual=residual)
+                      intervention=Intervention(*table, cond), start=start or None, residual=residual,
+                      scan_layers=_scanned(packed))
     first = greedy_tokens(out.logits[:, 0]).astype(jnp.int32)
 
     def widen(x, axis):  # [.., Q + t, ..] -> [.., Q + T, ..]: the gap as invalid columns after the prefix
@@ -432,7 +444,10 @@ _packed_cache: dict = {}  # "params": the params last packed (held, so the ident
 
 def _pack_params(params, *, cfg: ModelConfig) -> dict:
     """The ``packed`` collection of the Decoder: every layer's q/k/v/o and gate/up/down kernels and the
-    LM head as :func:`cna_jax.cpu_kernels.pack` panels (a second copy of the weights in memory)."""
+    LM head as :func:`cna_jax.cpu_kernels.pack` panels (a second copy of the weights in memory), and the
+    layers' panels once more stacked ``[L, ...]`` under ``layers`` for the scanned forward passes
+    (:func:`_scanned`; a third copy of the layers' weights: +430 MB for SmolLM2, fine for the models a CPU
+    runs)."""
     def flat(kernel, inputs):  # a Dense(General) kernel as [In, Out]
         return cpu_kernels.pack(kernel.reshape(inputs, -1))
 
@@ -447,6 +462,8 @@ def _pack_params(params, *, cfg: ModelConfig) -> dict:
         packed[f"layers_{layer}"] = {"self_attn": attn, "mlp": mlp}
     head = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     packed["head"] = flat(head, e)
+    packed["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(packed[f"layers_{l}"]
+                                                              for l in range(cfg.num_hidden_layers)))
     return packed
 
 

@@ -13,6 +13,10 @@ twice, alternated, the faster), then ``--repeats`` calls of each build alternate
 outputs bit-identical.
 
     python launch/bench_compile.py      # about 8 min; --programs="KL pass" for one of them
+
+``--compare=scan``: the engine's three passes with their layers unrolled (the packed panels without their
+stacked copy) against one ``lax.scan`` over the stacked panels (``engine._scanned``, the study's path), both
+at the study's options (-O1).
 """
 import os
 import sys
@@ -27,6 +31,10 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_integer("repeats", 5, "Timed calls per build (alternated; median).")
 flags.DEFINE_integer("core", 0, "The core this process is pinned to.")
 flags.DEFINE_string("programs", "", "Comma-separated program names to measure (default: all).")
+flags.DEFINE_enum("compare", "o1", ["o1", "scan"], "o1: XLA's -O2 against -O1; scan: the engine passes' layers "
+                  "unrolled against scanned (both -O1).")
+
+SCANNED = ("prefix pass", "prefill", "store pass")  # the programs --compare=scan measures
 
 
 PROGRAMS = ("collection", "collection prefix", "prefix pass", "prefill", "store pass", "KL pass")
@@ -94,27 +102,37 @@ def main(argv):
                     dict(cfg=cfg, dtype=f32, grid=1, kernel=damage.use_row_kernels(lm))),
     }
     assert tuple(programs) == PROGRAMS
-    if F.programs:
-        programs = {k: v for k, v in programs.items() if k in F.programs.split(",")}
-    print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s (-O2 -> -O1), run s median of {F.repeats} "
-          f"(-O2 -> -O1), outputs", flush=True)
+    if F.programs or F.compare == "scan":
+        keep = F.programs.split(",") if F.programs else SCANNED
+        programs = {k: v for k, v in programs.items() if k in keep and (F.compare == "o1" or k in SCANNED)}
+    unrolled = {k: v for k, v in packed.items() if k != "layers"}
+    labels = ("-O2 -> -O1",) if F.compare == "o1" else ("unrolled -> scanned",)
+    print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s ({labels[0]}), run s median of {F.repeats} "
+          f"({labels[0]}), outputs", flush=True)
     for name, (fn, args, static) in programs.items():
+        if F.compare == "o1":
+            variants = [(args, None), (args, sharding.forward_compiler_options("cpu"))]
+        else:
+            assert engine._scanned(packed) and any(a is packed for a in args)
+            variants = [(tuple(unrolled if a is packed else a for a in args), sharding.forward_compiler_options("cpu")),
+                        (args, sharding.forward_compiler_options("cpu"))]
         builds, compile_s = [None, None], [float("inf")] * 2
         # Each build compiled twice, alternated (a process's first compiles pay one-time costs); the faster counts.
         for k in (0, 1, 0, 1):
             jax.clear_caches()  # the in-memory executables too (the collection's prefix was compiled for its args)
             t0 = time.perf_counter()
-            options = sharding.forward_compiler_options("cpu") if k else None
-            builds[k] = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile(options)
+            builds[k] = jax.jit(fn, static_argnames=tuple(static)).lower(*variants[k][0], **static).compile(
+                variants[k][1])
             compile_s[k] = min(compile_s[k], time.perf_counter() - t0)
-        outs = [jax.tree.leaves(jax.block_until_ready(x(*args))) for x in builds]
+        outs = [jax.tree.leaves(jax.block_until_ready(x(*a))) for x, (a, _) in zip(builds, variants)]
         same = all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(*outs))
-        run = interleaved([lambda x=x: jax.block_until_ready(x(*args)) for x in builds], F.repeats)
+        run = interleaved([lambda x=x, a=a: jax.block_until_ready(x(*a)) for x, (a, _) in zip(builds, variants)],
+                          F.repeats)
         print(f"| {name} | compile {compile_s[0]:.1f} -> {compile_s[1]:.1f} s ({compile_s[1] / compile_s[0]:.2f}) "
               f"| run {run[0]:.3f} -> {run[1]:.3f} s ({run[1] / run[0]:.3f}) | "
               f"{'bit-identical' if same else 'DIFFERENT'} |", flush=True)
         if not same:
-            raise SystemExit(f"{name}: the -O1 build's outputs differ from the -O2 build's")
+            raise SystemExit(f"{name}: the two builds' outputs differ ({labels[0]})")
 
 
 if __name__ == "__main__":

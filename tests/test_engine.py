@@ -385,3 +385,57 @@ def test_forward_programs_compile_at_llvm_o1_with_the_same_bits(tiny_job):
     state = engine.single_device_functions(cfg, jnp.float32, 4, len(prefix) + 24, 12, 2).empty()
     decode = engine._decode("cpu").lower(params, state, table, jnp.asarray([eos], jnp.int32), **stat, steps=2)
     assert dict(decode._lowering._compiler_options_kvs) == engine.DECODE_CPU_COMPILER_OPTIONS
+
+
+def test_scanned_forward_passes_equal_the_unrolled_ones(tiny_job):
+    """With the packed weights the prefix, store and prefill passes run their layers as one ``lax.scan``
+    (engine._scanned); their outputs equal the same passes with the layers unrolled (the panels without
+    their stacked copy), for rows under a neuron multiplier, directional ablation and activation addition
+    at layer 2, through every layer and from the store (start 2): the store and prefill passes to the last
+    bit; the prefix pass's last layer within float32 rounding (the unrolled program drops that layer's
+    unused MLP and fuses its input's sum of squares otherwise: keys ~1e-7 apart). The prefill program is a
+    scan only with the stacked panels (so the check compares two different programs)."""
+    _, cfg, params, prefix, rows, conds, eos, *_ = tiny_job
+    r = np.arange(cfg.hidden_size, dtype=np.float64) - 3
+    conditions = [engine.Condition(), engine.Condition(conds[1]), engine.Condition(conds[2], direction=r, ablate=True),
+                  engine.Condition(direction=r, add={2: 3.0})]
+    assert [c.first_layer(cfg.num_hidden_layers) for c in conditions] == [3, 2, 0, 2]
+    table = engine.put_host_table(engine.stack_conditions(cfg, conditions))
+    stacked = engine.packed_weights(LM(cfg, params, tokenizer=None, chat=False))  # the CPU kernel's panels
+    unrolled = {k: v for k, v in stacked.items() if k != "layers"}
+    assert engine._scanned(stacked) and not engine._scanned(unrolled) and not engine._scanned(None)
+    tokens, valid = (jnp.asarray(x) for x in left_pad([s for s, _ in rows[:8]], 12, 0))
+    cond = jnp.asarray([0, 1, 2, 3, 3, 2, 1, 0], jnp.int32)
+    stat = dict(cfg=cfg, dtype=jnp.float32)
+    fill = dict(stat, width=len(prefix) + 12, max_new_tokens=12)
+    prefix_pass, prefill, store = engine._forwards("cpu")
+    eos_ids, pre = jnp.asarray([eos], jnp.int32), jnp.asarray(prefix, jnp.int32)
+    outs = {}
+    for name, packed in (("scan", stacked), ("unrolled", unrolled)):
+        kv = prefix_pass(params, pre, table, packed, **stat)
+        rows_args = (params, kv, tokens, valid, cond, table)
+        low = jnp.asarray([0, 1, 3, 0], jnp.int32)  # the rows whose conditions change nothing below layer 2
+        store_kv, store_res = store(params, kv, tokens[:4], valid[:4], low, table, packed, **stat, stop=2)
+        outs[name] = (kv, store_kv, store_res, prefill(*rows_args, eos_ids, None, None, None, packed, **fill),
+                      prefill(params, kv, tokens[:4], valid[:4], low, table, eos_ids, store_kv, store_res,
+                              jnp.arange(4, dtype=jnp.int32), packed, **fill, start=2))
+        text = prefill.lower(*rows_args, eos_ids, None, None, None, packed, **fill).as_text()
+        assert ("stablehlo.while" in text) == (name == "scan")
+    leaves = [jax.tree.leaves(outs[n]) for n in ("scan", "unrolled")]
+    assert len(leaves[0]) == len(leaves[1]) > 10
+    for a, b in zip(*leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind == "f":  # float32 rounding: see the docstring
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+    q = len(prefix)  # the store and the prefill passes' own columns: every bit
+    exact = {n: jax.tree.leaves(outs[n][1:3]) + [x[:, :, q:] for s in outs[n][3:] for x in jax.tree.leaves(s.cache)]
+             for n in ("scan", "unrolled")}
+    for a, b in zip(exact["scan"], exact["unrolled"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The steered rows differ from the plain one (the comparison sees the steering).
+    kv = outs["scan"][0]
+    assert np.abs(np.asarray(kv.k[:, 2]) - np.asarray(kv.k[:, 0])).max() > 0
+    assert np.abs(np.asarray(kv.k[2:, 3]) - np.asarray(kv.k[2:, 0])).max() > 0
+    assert np.array_equal(np.asarray(kv.k[:2, 3]), np.asarray(kv.k[:2, 0]))  # the addition starts at layer 2
