@@ -40,7 +40,7 @@ one prefill per length bucket the job's suffixes fall in (with the study's 8-tok
 its 12-21-token suffixes, 16 and 24), and with a store one store pass and one more prefill per bucket; all are cached
 across jobs with the same (S, T, Q, C bucket, max_new_tokens, s). With the CPU kernel's packed weights the
 prefix, store and prefill passes run their layers as one ``lax.scan`` over stacked panels (:func:`_scanned`:
-a SmolLM2 prefill compiles in ~2 s instead of ~6-14, the same bits); the decode chunk keeps them unrolled.
+a SmolLM2 prefill compiles in 2.5 s instead of 11, the same bits); the decode chunk keeps them unrolled.
 ``run(..., min_table_rows=)`` gives jobs with different numbers of conditions one C bucket, so they share
 them (the study's generation and sweeps jobs).
 
@@ -205,7 +205,7 @@ def _variables(params, packed) -> dict:
 
 def _scanned(packed) -> bool:
     """Whether the prefix, store and prefill passes run their layers as a scan (Decoder's ``scan_layers``):
-    over the stacked panels of :func:`packed_weights` (9x less compile). Without them (accelerators, XLA's
+    over the stacked panels of :func:`packed_weights` (4-8x less compile, BENCHMARKS.md X1). Without them (accelerators, XLA's
     dots) the layers stay unrolled, as the decode step's always do: there a layer's panels copied out of
     the stack, ~1.4 ms a SmolLM2 layer, would cost ~20% of a 48-row step."""
     return packed is not None and "layers" in packed
@@ -756,8 +756,9 @@ def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, deco
                   length_multiple: int) -> list:
     """Every program of a sharded job as :func:`cna_jax.precompile.spread` entries, the slowest to compile
     first (as measured for SmolLM2 on a CPU core: the store pass 16 s, the prefix 13 s, a prefill through all
-    layers 11 s, decode 6 s, a prefill from the store 4-5 s, place 1 s): one prefill per (from the store or
-    not, length bucket) of the job's prefill ``calls`` (:func:`prefill_calls`). The arguments are those the
+    layers 11 s, decode 6 s, a prefill from the store 4-5 s, place 1 s; with the layers scanned, the packed
+    weights' path, decode comes first: the three passes then take 1.4-2.5 s): one prefill per (from the store
+    or not, length bucket) of the job's prefill ``calls`` (:func:`prefill_calls`). The arguments are those the
     calls will pass, or ``jax.ShapeDtypeStruct`` for outputs of earlier programs."""
     from cna_jax.batching import bucket, left_pad
 
@@ -788,8 +789,10 @@ def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, deco
         (rest if from_store else full).append(fn.program(*args))
         staged = staged or fn.out_abstract(*args)  # every prefill stages the same shapes
     index = fns.put_rows(np.zeros((p,), np.int32), np.zeros((p,), np.int32))
-    rest.insert(0, fns.decode.program(lm.params, state, table, eos, decode_packed.get("packed")))
-    return first + full + rest + [fns.place.at(p).program(state, staged, *index)]
+    decode = [fns.decode.program(lm.params, state, table, eos, decode_packed.get("packed"))]
+    if _scanned(weights):
+        return decode + full + first + rest + [fns.place.at(p).program(state, staged, *index)]
+    return first + full + decode + rest + [fns.place.at(p).program(state, staged, *index)]
 
 
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,

@@ -401,8 +401,8 @@ class Decoder(nn.Module):
         stop: a static layer: run only the layers below it (with ``return_residuals``, ``residual_layers``
           may name ``stop`` itself: the residual entering it); no logits.
         scan_layers: run the layers as one ``lax.scan`` over stacked weights instead of unrolled: the program
-          holds one layer, so it compiles ~9x faster (a SmolLM2 engine prefill at -O1: 1.5 s against 13.9 s,
-          BENCHMARKS.md), with the same bits and run time. It reads the weight products' stacked panels (the
+          holds one layer, so it compiles 4-8x faster (SmolLM2's engine passes at -O1: 1.4-2.5 s against
+          7.4-11.4 s, BENCHMARKS.md X1), with the same bits and no slower (0.91-0.94x). It reads the weight products' stacked panels (the
           ``packed`` collection's ``layers``, :func:`cna_jax.engine.packed_weights`: the CPU engine) and of
           ``params`` only the norms and biases, stacked per call (a few KB a layer). For the engine's forward
           passes: a cache, static ``start`` and ``stop``, the residual at ``stop``, per-row interventions;
