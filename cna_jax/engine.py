@@ -205,9 +205,9 @@ def _variables(params, packed) -> dict:
 
 def _scanned(packed) -> bool:
     """Whether the prefix, store and prefill passes run their layers as a scan (Decoder's ``scan_layers``):
-    over the stacked panels of :func:`packed_weights` (4-8x less compile, BENCHMARKS.md X1). Without them (accelerators, XLA's
-    dots) the layers stay unrolled, as the decode step's always do: there a layer's panels copied out of
-    the stack, ~1.4 ms a SmolLM2 layer, would cost ~20% of a 48-row step."""
+    over the stacked panels of :func:`packed_weights` (4-8x less compile, BENCHMARKS.md X1). Without them
+    (accelerators, XLA's dots) the layers stay unrolled, as the decode step's always do: there a layer's
+    panels copied out of the stack, ~1.4 ms a SmolLM2 layer, would cost ~20% of a 48-row step."""
     return packed is not None and "layers" in packed
 
 

@@ -439,3 +439,11 @@ def test_scanned_forward_passes_equal_the_unrolled_ones(tiny_job):
     assert np.abs(np.asarray(kv.k[:, 2]) - np.asarray(kv.k[:, 0])).max() > 0
     assert np.abs(np.asarray(kv.k[2:, 3]) - np.asarray(kv.k[2:, 0])).max() > 0
     assert np.array_equal(np.asarray(kv.k[:2, 3]), np.asarray(kv.k[:2, 0]))  # the addition starts at layer 2
+    # What the scan does not take is refused before any work.
+    from cna_jax.models.llama import Decoder, causal_mask, padding_positions
+
+    inputs = (tokens, padding_positions(valid), causal_mask(valid))
+    with pytest.raises(ValueError, match="stacked packed weights"):
+        Decoder(cfg).apply({"params": params, "packed": unrolled}, *inputs, scan_layers=True)
+    with pytest.raises(ValueError, match="no prefix, neurons or traced start"):
+        Decoder(cfg).apply({"params": params, "packed": stacked}, *inputs, return_neurons=True, scan_layers=True)

@@ -402,11 +402,12 @@ class Decoder(nn.Module):
           may name ``stop`` itself: the residual entering it); no logits.
         scan_layers: run the layers as one ``lax.scan`` over stacked weights instead of unrolled: the program
           holds one layer, so it compiles 4-8x faster (SmolLM2's engine passes at -O1: 1.4-2.5 s against
-          7.4-11.4 s, BENCHMARKS.md X1), with the same bits and no slower (0.91-0.94x). It reads the weight products' stacked panels (the
-          ``packed`` collection's ``layers``, :func:`cna_jax.engine.packed_weights`: the CPU engine) and of
-          ``params`` only the norms and biases, stacked per call (a few KB a layer). For the engine's forward
-          passes: a cache, static ``start`` and ``stop``, the residual at ``stop``, per-row interventions;
-          not with ``prefix``, ``return_neurons``, other residual layers or a traced ``start``.
+          7.4-11.4 s, BENCHMARKS.md X1), with the same bits and no slower (0.91-0.94x). It reads the weight
+          products' stacked panels (the ``packed`` collection's ``layers``, :func:`cna_jax.engine.packed_weights`:
+          the CPU engine) and of ``params`` only the norms and biases, stacked per call (a few KB a layer).
+          For the engine's forward passes: a cache, static ``start`` and ``stop``, the residual at ``stop``,
+          per-row interventions; not with ``prefix``, ``return_neurons``, other residual layers or a traced
+          ``start``.
         """
         cfg = self.cfg
         if prefix is not None and cache is not None:
