@@ -473,7 +473,7 @@ def packed_weights(lm) -> dict | None:
     on a mesh that splits any weight (tensor or FSDP axes > 1). On a data-parallel mesh the packed copy is
     replicated like the weights and each device multiplies its own rows (``_packed_dense`` in the model).
     Packed once per params object; the last model's copy is kept for the next job (about the size of its
-    float32 weights, on every device)."""
+    float32 weights, on every device, and the layers' weights once more, stacked for the scanned passes)."""
     on_cpu = (jax.default_backend() if lm.layout is None else lm.layout.platform) == "cpu"
     if not on_cpu or jnp.dtype(lm.dtype) != jnp.float32 or not cpu_kernels.matmul_enabled():
         return None
