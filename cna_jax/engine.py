@@ -62,7 +62,7 @@ import numpy as np
 from cna_jax import cpu_kernels, precompile
 from cna_jax.models.config import ModelConfig
 from cna_jax.models.llama import (CACHE_AXES, Decoder, Intervention, KVCache, constrain_cache, padding_positions,
-                                  rope_inv_freq, rope_tables)
+                                  rope_inv_freq, rope_tables, stack_trees)
 from cna_jax.sharding import ShardedFunction, forward_compiler_options
 
 
@@ -462,8 +462,7 @@ def _pack_params(params, *, cfg: ModelConfig) -> dict:
         packed[f"layers_{layer}"] = {"self_attn": attn, "mlp": mlp}
     head = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     packed["head"] = flat(head, e)
-    packed["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(packed[f"layers_{l}"]
-                                                              for l in range(cfg.num_hidden_layers)))
+    packed["layers"] = stack_trees([packed[f"layers_{l}"] for l in range(cfg.num_hidden_layers)])
     return packed
 
 
@@ -790,9 +789,8 @@ def _job_programs(fns: Functions, lm, prefix_ids, table, eos, packed: dict, deco
         staged = staged or fn.out_abstract(*args)  # every prefill stages the same shapes
     index = fns.put_rows(np.zeros((p,), np.int32), np.zeros((p,), np.int32))
     decode = [fns.decode.program(lm.params, state, table, eos, decode_packed.get("packed"))]
-    if _scanned(weights):
-        return decode + full + first + rest + [fns.place.at(p).program(state, staged, *index)]
-    return first + full + decode + rest + [fns.place.at(p).program(state, staged, *index)]
+    order = decode + full + first if _scanned(weights) else first + full + decode
+    return order + rest + [fns.place.at(p).program(state, staged, *index)]
 
 
 def run(lm, rows: Sequence[tuple[Sequence[int], int]], conditions: Sequence[Condition], *,

@@ -106,16 +106,16 @@ def main(argv):
         keep = F.programs.split(",") if F.programs else SCANNED
         programs = {k: v for k, v in programs.items() if k in keep and (F.compare == "o1" or k in SCANNED)}
     unrolled = {k: v for k, v in packed.items() if k != "layers"}
-    labels = ("-O2 -> -O1",) if F.compare == "o1" else ("unrolled -> scanned",)
-    print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s ({labels[0]}), run s median of {F.repeats} "
-          f"({labels[0]}), outputs", flush=True)
+    label = "-O2 -> -O1" if F.compare == "o1" else "unrolled -> scanned"
+    o1 = sharding.forward_compiler_options("cpu")
+    print(f"X1, one core, SGEMM {rate:.1f} GFLOP/s; compile s ({label}), run s median of {F.repeats} "
+          f"({label}), outputs", flush=True)
     for name, (fn, args, static) in programs.items():
         if F.compare == "o1":
-            variants = [(args, None), (args, sharding.forward_compiler_options("cpu"))]
+            variants = [(args, None), (args, o1)]
         else:
             assert engine._scanned(packed) and any(a is packed for a in args)
-            variants = [(tuple(unrolled if a is packed else a for a in args), sharding.forward_compiler_options("cpu")),
-                        (args, sharding.forward_compiler_options("cpu"))]
+            variants = [(tuple(unrolled if a is packed else a for a in args), o1), (args, o1)]
         builds, compile_s = [None, None], [float("inf")] * 2
         # Each build compiled twice, alternated (a process's first compiles pay one-time costs); the faster counts.
         for k in (0, 1, 0, 1):
@@ -132,7 +132,7 @@ def main(argv):
               f"| run {run[0]:.3f} -> {run[1]:.3f} s ({run[1] / run[0]:.3f}) | "
               f"{'bit-identical' if same else 'DIFFERENT'} |", flush=True)
         if not same:
-            raise SystemExit(f"{name}: the two builds' outputs differ ({labels[0]})")
+            raise SystemExit(f"{name}: the two builds' outputs differ ({label})")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,19 @@ class KVCache(NamedTuple):
         return cls(constrain_cache(jnp.zeros(shape, dtype), sharding), constrain_cache(jnp.zeros(shape, dtype), sharding))
 
 
+def at_layer(a: jax.Array, layer, axis: int = 0) -> jax.Array:
+    """``a``'s slice at ``layer`` along ``axis``: a static index for an int (the unrolled layers), a dynamic
+    one for a traced layer (``Decoder``'s ``scan_layers``)."""
+    if isinstance(layer, int):
+        return a[(slice(None),) * axis + (layer,)]
+    return jax.lax.dynamic_index_in_dim(a, layer, axis, keepdims=False)
+
+
+def stack_trees(trees):
+    """Pytrees of one structure -> one pytree of their leaves stacked on a new leading axis."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
 class Intervention(NamedTuple):
     """Per-row interventions: a table of C stacked conditions and each row's index into it.
 
@@ -75,9 +88,9 @@ class Intervention(NamedTuple):
     add: jax.Array
     cond: jax.Array
 
-    def layer_mult(self, layer: int) -> jax.Array:
-        """[B, I]: every row's neuron multiplier at ``layer``."""
-        return jnp.take(self.neuron_mult[:, layer], self.cond, axis=0)
+    def layer_mult(self, layer) -> jax.Array:
+        """[B, I]: every row's neuron multiplier at ``layer`` (an int, or traced in a layer scan)."""
+        return jnp.take(at_layer(self.neuron_mult, layer, 1), self.cond, axis=0)
 
     def steer(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
         """Per-row (direction [B, E], ablate [B], add [B, L]), or None for a table without them."""
@@ -445,8 +458,7 @@ class Decoder(nn.Module):
                 return x
             direction, weight, add = steer
             x = ablate_direction(x, direction, weight)
-            alpha = add[:, layer] if isinstance(layer, int) else jax.lax.dynamic_index_in_dim(add, layer, 1, False)
-            return x + (alpha[:, None, None] * direction[:, None, :]).astype(x.dtype)
+            return x + (at_layer(add, layer, 1)[:, None, None] * direction[:, None, :]).astype(x.dtype)
 
         if scan_layers:
             first = start or 0
@@ -521,14 +533,13 @@ class Decoder(nn.Module):
         if not self.has_variable("packed", "layers"):
             raise ValueError("scan_layers reads the stacked packed weights (cna_jax.engine.packed_weights)")
         panels = self.get_variable("packed", "layers")
-        norms = jax.tree.map(lambda *a: jnp.stack(a), *(_without_kernels(self.variables["params"][f"layers_{l}"])
-                                                       for l in range(n)))
+        norms = stack_trees([_without_kernels(self.variables["params"][f"layers_{l}"]) for l in range(n)])
         layer_module = DecoderLayer(cfg, self.dtype, self.cache_sharding, parent=None)
 
         def body(x, layer):
-            at = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, keepdims=False)
+            at = functools.partial(at_layer, layer=layer)
             if intervention is not None:
-                mult = jnp.take(at(intervention.neuron_mult, axis=1), intervention.cond, axis=0)
+                mult = intervention.layer_mult(layer)
             else:
                 mult = None if neuron_mult is None else at(neuron_mult)
             own = None if cache is None else KVCache(at(cache.k)[None], at(cache.v)[None])
