@@ -127,6 +127,22 @@ def test_packed_matmul_matches_a_float64_product(m, k, n):
     np.testing.assert_array_equal(got3.reshape(6, n), np.asarray(cpu_kernels.packed_matmul(x3.reshape(6, k), wp, n)))
 
 
+@pytest.mark.parametrize("n", [100, 4 * 48, 5 * 48 + 7, 1000])
+def test_few_rows_give_the_bits_of_many(n):
+    """One or two rows (a batch-1 decode step) take the kernel's few-row path, several panels at once; each
+    output is the same multiply-add chain as in a full row block, so the rows' bits equal those of the same rows
+    inside a larger product. n: fewer panels than one group (AVX-512), whole groups, a short last group."""
+    assert cpu_kernels.matmul_enabled()
+    rng = np.random.default_rng(n)
+    k = 130
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    wp = cpu_kernels.pack(rng.standard_normal((k, n)).astype(np.float32))
+    matmul = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)
+    many = np.asarray(matmul(x, wp, n))
+    for m in (1, 2, 3):
+        np.testing.assert_array_equal(np.asarray(matmul(x[:m], wp, n)), many[:m], err_msg=f"{m} rows")
+
+
 def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
     """The build the engine uses (AVX-512 where the CPU has it) against the AVX2 + FMA build and the portable
     one (no vector flags: std::fma per term), all loaded here: every output is the same multiply-add chain,
@@ -138,8 +154,8 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("CNA_JAX_CACHE", str(tmp_path))
     compiler = shutil.which("g++") or shutil.which("c++")
     rng = np.random.default_rng(0)
-    m, k, n = 11, 75, 100
-    x = rng.standard_normal((m, k)).astype(np.float32)
+    k, n = 75, 300  # 7 panels of 48 columns, 13 of 24: the few-row path's groups of 4 panels, the last one short
+    x = rng.standard_normal((11, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     want = np.asarray(cpu_kernels.packed_matmul(x, cpu_kernels.pack(w), n))
     builds = {"portable": ()}
@@ -150,8 +166,9 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
         target = f"test_packed_matmul_{name}"
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.CnaPackedMatmul), platform="cpu")
         wp = cpu_kernels.pack(w, cpu_kernels.panel_width(flags))  # each build reads its own panel width
-        got = np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, wp))
-        np.testing.assert_array_equal(got, want, err_msg=name)
+        for m in (11, 2, 1):  # a full row block and a short one; one and two rows (the few-row path)
+            got = np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x[:m], wp))
+            np.testing.assert_array_equal(got, want[:m], err_msg=f"{name}, {m} rows")
         other = cpu_kernels.pack(w, 72 - cpu_kernels.panel_width(flags))  # 24 <-> 48: refused, not misread
         with pytest.raises(Exception, match="panel width"):
             jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, other).block_until_ready()

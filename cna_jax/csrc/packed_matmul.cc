@@ -13,6 +13,7 @@
 // the AVX-512, AVX2+FMA and portable (std::fma) builds give the same bits. Column tiles are split over
 // XLA's intra-op threads where the process may use more than one CPU (parallel.h): each tile is still
 // computed whole by one thread, so the bits do not depend on the number of threads either.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -99,6 +100,37 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float
   for (int r = 0; r < kRows; ++r)
     for (int j = 0; j < kVecs; ++j) Store(c + r * ldc + j * kLanes, acc[r][j]);
 }
+
+// A product of very few rows (batch-1 decoding) is bound by how fast the panels arrive, not by arithmetic:
+// up to kFewRows rows, kStreams panels are multiplied at once, so that as many streams of weights are in flight
+// (one core of the Intel AVX-512 machine, one row, 30 SmolLM2 layers: 36 -> 29 ms; more streams or rows per
+// pass gave no more, BENCHMARKS.md X2). Same chains, same bits. c [kStreams, kFewRows, kCols] = a [kFewRows, K]
+// (row stride lda) times the kStreams panels at b, b + stride, ...
+#if defined(__AVX512F__)
+constexpr int kFewRows = 2, kStreams = 4;
+#else
+constexpr int kFewRows = 1, kStreams = 4;
+#endif
+inline void FewRowsTile(const float* a, int64_t lda, const float* b, int64_t stride, int64_t k_n, float* c) {
+  Vec acc[kFewRows][kStreams * kVecs];
+  for (int r = 0; r < kFewRows; ++r)
+    for (int j = 0; j < kStreams * kVecs; ++j) acc[r][j] = Zero();
+  for (int64_t k = 0; k < k_n; ++k) {
+    Vec bv[kStreams * kVecs];
+    for (int p = 0; p < kStreams; ++p) {
+      const float* bk = b + p * stride + k * kPanel;
+      Prefetch(bk, kPanel);
+      for (int j = 0; j < kVecs; ++j) bv[p * kVecs + j] = Load(bk + j * kLanes);
+    }
+    for (int r = 0; r < kFewRows; ++r) {
+      const Vec av = Splat(a[r * lda + k]);
+      for (int j = 0; j < kStreams * kVecs; ++j) acc[r][j] = Fma(av, bv[j], acc[r][j]);
+    }
+  }
+  for (int p = 0; p < kStreams; ++p)
+    for (int r = 0; r < kFewRows; ++r)
+      for (int j = 0; j < kVecs; ++j) Store(c + (p * kFewRows + r) * kCols + j * kLanes, acc[r][p * kVecs + j]);
+}
 #else
 constexpr int kCols = 24;
 constexpr int64_t kPanel = kCols;
@@ -134,8 +166,29 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     last_rows.assign(kRows * k_n, 0.0f);
     std::memcpy(last_rows.data(), a + full_rows * k_n, sizeof(float) * (m_n - full_rows) * k_n);
   }
-  // Column tile t: columns [t * kCols, t * kCols + kCols) of y, every row block.
   const int64_t tiles = (n_n + kCols - 1) / kCols;
+#ifndef CNA_PORTABLE
+  if (m_n <= kFewRows && tiles >= kStreams) {
+    std::vector<float> rows(kFewRows * k_n, 0.0f);
+    std::memcpy(rows.data(), a, sizeof(float) * m_n * k_n);
+    // Group q: tiles [q * kStreams, (q + 1) * kStreams); the last group starts early enough to be whole and
+    // writes only its own tiles.
+    const auto group = [&](int64_t q) {
+      float out[kStreams * kFewRows * kCols];
+      const int64_t t0 = std::min(q * kStreams, tiles - kStreams);
+      FewRowsTile(rows.data(), k_n, b + t0 * k_n * kPanel, k_n * kPanel, k_n, out);
+      for (int64_t t = q * kStreams; t < t0 + kStreams; ++t) {
+        const int64_t n0 = t * kCols, cols = std::min<int64_t>(n_n - n0, kCols);
+        for (int64_t r = 0; r < m_n; ++r) {
+          std::memcpy(c + r * n_n + n0, out + ((t - t0) * kFewRows + r) * kCols, sizeof(float) * cols);
+        }
+      }
+    };
+    cna::ParallelFor(pool, (tiles + kStreams - 1) / kStreams, 2.0 * kStreams * m_n * k_n * kCols, group);
+    return ffi::Error::Success();
+  }
+#endif
+  // Column tile t: columns [t * kCols, t * kCols + kCols) of y, every row block.
   const auto tile = [&](int64_t t) {
     float tail[kRows * kCols];
     const int64_t n0 = t * kCols;
