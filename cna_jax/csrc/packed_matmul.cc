@@ -64,7 +64,7 @@ constexpr int kRows = 4;
 #endif
 
 // Asks for the panel row kPrefetchBytes past b (every cache line of it) into L2; a row past the panel's end
-// is the next panel's, or nothing (a prefetch never faults).
+// is the next panel's, or nothing (a prefetch never faults). The portable build does not (not measured).
 inline void Prefetch(const float* b, int64_t row_floats) {
   const char* p = reinterpret_cast<const char*>(b) + kPrefetchBytes;
   for (int64_t j = 0; j < row_floats * static_cast<int64_t>(sizeof(float)); j += 64) __builtin_prefetch(p + j, 0, 2);
@@ -136,7 +136,6 @@ constexpr int kCols = 24;
 constexpr int64_t kPanel = kCols;
 constexpr int64_t kDepth = kDepthBytes / (kCols * sizeof(float));
 inline void Tile(const float* a, int64_t lda, const float* b, int64_t k_n, float* c, int64_t ldc, bool more = false) {
-  for (int64_t k = 0; k < k_n; ++k) Prefetch(b + k * kPanel, kPanel);
   for (int r = 0; r < kRows; ++r)
     for (int64_t j = 0; j < kCols; ++j) {
       float acc = more ? c[r * ldc + j] : 0.0f;
@@ -168,15 +167,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   const int64_t tiles = (n_n + kCols - 1) / kCols;
 #ifndef CNA_PORTABLE
-  if (m_n <= kFewRows && tiles >= kStreams) {
-    std::vector<float> rows(kFewRows * k_n, 0.0f);
-    std::memcpy(rows.data(), a, sizeof(float) * m_n * k_n);
+  if (0 < m_n && m_n <= kFewRows && tiles >= kStreams) {  // its rows zero-padded: last_rows (no full block)
     // Group q: tiles [q * kStreams, (q + 1) * kStreams); the last group starts early enough to be whole and
     // writes only its own tiles.
     const auto group = [&](int64_t q) {
       float out[kStreams * kFewRows * kCols];
       const int64_t t0 = std::min(q * kStreams, tiles - kStreams);
-      FewRowsTile(rows.data(), k_n, b + t0 * k_n * kPanel, k_n * kPanel, k_n, out);
+      FewRowsTile(last_rows.data(), k_n, b + t0 * k_n * kPanel, k_n * kPanel, k_n, out);
       for (int64_t t = q * kStreams; t < t0 + kStreams; ++t) {
         const int64_t n0 = t * kCols, cols = std::min<int64_t>(n_n - n0, kCols);
         for (int64_t r = 0; r < m_n; ++r) {
