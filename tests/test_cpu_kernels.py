@@ -171,7 +171,7 @@ def test_packed_matmul_builds_agree_bit_for_bit(tmp_path, monkeypatch):
             np.testing.assert_array_equal(got, want[:m], err_msg=f"{name}, {m} rows")
         other = cpu_kernels.pack(w, 72 - cpu_kernels.panel_width(flags))  # 24 <-> 48: refused, not misread
         with pytest.raises(Exception, match="panel width"):
-            jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, other).block_until_ready()
+            jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((len(x), n), jnp.float32))(x, other).block_until_ready()
 
 
 def test_kernels_give_the_same_bits_on_one_cpu_and_on_several():
