@@ -12,12 +12,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import pin_one_core, sgemm_gflops  # noqa: E402  (launch/benchlib.py)
+from benchlib import interleaved, pin_one_core, sgemm_gflops  # noqa: E402  (launch/benchlib.py)
 
 pin_one_core()  # before JAX starts
 
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,12 +54,7 @@ def main(_):
             return out
 
         products(x, weights).block_until_ready()
-        times = []
-        for _ in range(FLAGS.repeats):
-            t = time.perf_counter()
-            products(x, weights).block_until_ready()
-            times.append(time.perf_counter() - t)
-        s = float(np.median(times))
+        s = interleaved([lambda: products(x, weights).block_until_ready()], FLAGS.repeats)[0]
         flop = 2 * m * weight_bytes / 4
         row = {"bar": "X2", "rows": m, "layers": FLAGS.layers, "ms": 1e3 * s, "gflop_s": flop / s / 1e9,
                "panel_gb_s": weight_bytes / s / 1e9}

@@ -63,14 +63,14 @@ inline Vec Zero() { return _mm256_setzero_ps(); }
 constexpr int kRows = 4;
 #endif
 
+#ifndef CNA_PORTABLE
 // Asks for the panel row kPrefetchBytes past b (every cache line of it) into L2; a row past the panel's end
-// is the next panel's, or nothing (a prefetch never faults). The portable build does not (not measured).
+// is the next panel's, or nothing (a prefetch never faults). The portable build does not (never measured).
 inline void Prefetch(const float* b, int64_t row_floats) {
   const char* p = reinterpret_cast<const char*>(b) + kPrefetchBytes;
   for (int64_t j = 0; j < row_floats * static_cast<int64_t>(sizeof(float)); j += 64) __builtin_prefetch(p + j, 0, 2);
 }
 
-#ifndef CNA_PORTABLE
 // 3 vectors of columns x kRows rows accumulate in registers (24 or 12 accumulators).
 constexpr int kVecs = 3, kCols = kVecs * kLanes;
 // A panel is one tile wide, so a tile reads its panel rows whole and in order. With AVX2's 24-column tiles
